@@ -1,0 +1,106 @@
+"""Tiny random SD 2.1 and SDXL pipelines, saved to disk in the official hub layout (test helper).
+
+Each builds the diffusers pipeline from tiny components with the official architectures' features
+(SD 2.1: linear projections, per-block head counts, upcast attention, v-prediction; SDXL: two text
+towers, the pooled text and size embedding, several transformer layers per block), the real CLIP
+tokenizers from assets/clip, and a scheduler, then writes it as the hub repos store it:
+
+    root = make_sd21(tmp_path)   # model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/
+    root = make_sdxl(tmp_path)   # ... plus tokenizer_2/, text_encoder_2/
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(root)   # the reference, on the same files
+
+Two things differ from what diffusers + transformers 5 write, so they are put back the hub's way:
+tokenizer folders hold vocab.json + merges.txt + special-token files (transformers 5 writes only
+tokenizer.json), and a CLIPTextModel's keys carry the text_model. prefix (transformers 5 drops it).
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+CLIP_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "clip"
+PAD_BANG = CLIP_ASSETS / "tokenizer_pad_bang"  # SD 2.1's tokenizer and SDXL's tokenizer_2: pad "!"
+PAD_EOT = CLIP_ASSETS / "tokenizer_pad_eot"  # SDXL's tokenizer: pad <|endoftext|>
+
+
+def tiny_text_config(hidden_size, hidden_act, projection_dim, num_hidden_layers=3, eos_token_id=2):
+    """A CLIPTextConfig with the real vocabulary and context, small everywhere else."""
+    # eos_token_id 2 and bos/pad 0/1 are what the official SD 2.1 and SDXL configs say.
+    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_size=hidden_size,
+                          intermediate_size=2 * hidden_size, num_hidden_layers=num_hidden_layers,
+                          num_attention_heads=4, hidden_act=hidden_act, projection_dim=projection_dim,
+                          layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=eos_token_id, pad_token_id=1)
+
+
+def _tiny_vae(scaling_factor, force_upcast):
+    """An AutoencoderKL with two levels (8x fewer channels, 2x instead of 8x downsampling)."""
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=2, norm_num_groups=32, sample_size=16,
+                         scaling_factor=scaling_factor, force_upcast=force_upcast)
+
+
+def _hub_layout(root, tokenizers, clip_text_models):
+    """Rewrite what save_pretrained wrote into the hub's layout (see the module docstring)."""
+    for name, source in tokenizers.items():
+        shutil.rmtree(root / name)
+        shutil.copytree(source, root / name, copy_function=shutil.copyfile)  # assets are read-only
+    for name in clip_text_models:
+        file = root / name / "model.safetensors"
+        tensors = load_file(file)
+        if not any(k.startswith("text_model.") for k in tensors):
+            tensors = {"text_model." + k: v for k, v in tensors.items()}
+        save_file(tensors, file, metadata={"format": "pt"})
+
+
+def make_sd21(tmp_path, prediction_type="v_prediction"):
+    """A tiny random SD 2.1 (768-v) pipeline saved under tmp_path; returns its root folder."""
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(tiny_text_config(32, "gelu", projection_dim=16))  # OpenCLIP: exact GELU
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4), cross_attention_dim=32, use_linear_projection=True, upcast_attention=True,
+        norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(vae=_tiny_vae(0.18215, force_upcast=True), text_encoder=text_encoder,
+                                   tokenizer=CLIPTokenizer.from_pretrained(PAD_BANG), unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    root = Path(tmp_path) / "sd21"
+    pipe.save_pretrained(root)
+    _hub_layout(root, {"tokenizer": PAD_BANG}, ["text_encoder"])
+    return root
+
+
+def make_sdxl(tmp_path, force_zeros_for_empty_prompt=True):
+    """A tiny random SDXL base pipeline saved under tmp_path; returns its root folder."""
+    torch.manual_seed(0)
+    # Different widths for the two towers (32 and 48, projection 40) so that a mix-up cannot pass.
+    text_encoder = CLIPTextModel(tiny_text_config(32, "quick_gelu", projection_dim=32))  # OpenAI ViT-L/14
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(48, "gelu", projection_dim=40))  # OpenCLIP bigG
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), cross_attention_dim=32 + 48,
+        use_linear_projection=True, norm_num_groups=32,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + 40)  # six size numbers + the pooled text
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+                                       interpolation_type="linear", use_karras_sigmas=False)
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(0.13025, force_upcast=True), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(PAD_EOT), tokenizer_2=CLIPTokenizer.from_pretrained(PAD_BANG),
+        unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False)
+    root = Path(tmp_path) / "sdxl"
+    pipe.save_pretrained(root)
+    _hub_layout(root, {"tokenizer": PAD_EOT, "tokenizer_2": PAD_BANG}, ["text_encoder"])
+    return root
