@@ -44,6 +44,7 @@ def assert_close(ours, ref, rel=1e-5):
 
 
 def legacy_name(key):
+    """`key` as a file saved before the rename names it (encoder.mid_block.attentions.0.query.weight)."""
     for new, old in LEGACY.items():
         key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
     return key
