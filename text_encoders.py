@@ -73,7 +73,8 @@ def _tokenizer_folder(path_or_repo_id, subfolder):
         raise checkpoint.CheckpointError(f"{where}: no tokenizer (expected vocab.json and merges.txt)")
     if str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") != 1:
         raise checkpoint.CheckpointError(f"{path_or_repo_id}: no such folder (and not a hub id 'owner/name')")
-    from huggingface_hub import snapshot_download  # only needed for hub ids; checkpoint.resolve wants a config.json
+    # checkpoint.resolve looks for a config.json, which a tokenizer folder lacks
+    from huggingface_hub import snapshot_download  # only needed for hub ids
 
     prefix = f"{subfolder}/" if subfolder else ""
     names = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
@@ -89,7 +90,7 @@ def _read_bpe(folder):
     """The vocabulary {token: id} and the merges [(a, b), ...] of a tokenizer folder."""
     if (folder / "vocab.json").is_file():  # the hub's layout (written by transformers 4)
         if not (folder / "merges.txt").is_file():
-            raise checkpoint.CheckpointError(f"{folder / 'merges.txt'}: missing (a BPE needs vocab.json and merges.txt)")
+            raise checkpoint.CheckpointError(f"{folder / 'merges.txt'}: missing (expected beside vocab.json)")
         return BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
     model = _read_json(folder / "tokenizer.json").get("model", {})  # transformers 5 writes only this file
     if model.get("type") != "BPE" or "vocab" not in model:
@@ -101,20 +102,20 @@ def _read_bpe(folder):
 def _read_special_tokens(folder):
     """The four special tokens of a tokenizer folder, as transformers reads them: role -> AddedToken."""
     config = _read_json(folder / "tokenizer_config.json", default={})
-    declared = config.get("added_tokens_decoder")  # written by transformers >= 4.34: every added token
-    if declared is None:  # older folders (the hub's SD 2.1 and SDXL ones): special_tokens_map.json wins
+    if "added_tokens_decoder" not in config:  # older folders (the hub's SD ones): special_tokens_map.json wins
         config.update(_read_json(folder / "special_tokens_map.json", default={}))
-        declared = {}
-    declared.update({str(t["id"]): t for t in _read_json(folder / "tokenizer.json", default={}).get("added_tokens", [])})
-    flags = {t["content"]: t for t in declared.values()}
+    # Folders written by newer transformers list every added token with its flags, which then hold:
+    # tokenizer_config.json's added_tokens_decoder (>= 4.34), tokenizer.json's added_tokens (5).
+    listed = list(config.get("added_tokens_decoder", {}).values())
+    listed += _read_json(folder / "tokenizer.json", default={}).get("added_tokens", [])
+    flags = {t["content"]: t for t in listed}
     tokens = {}
     for role, default in SPECIAL_TOKENS.items():
         spec = config.get(role) or default  # a string, or the dict form {"content": ..., "normalized": ...}
         spec = flags.get(spec if isinstance(spec, str) else spec["content"], spec)
-        if isinstance(spec, str):
-            spec = {"content": spec}
-        # Special tokens are matched in the raw text, before lowercasing, unless a folder says
-        # "normalized": true (the hub's SD 2.1 folder does for <|startoftext|> and <|endoftext|>).
+        spec = {"content": spec} if isinstance(spec, str) else spec
+        # Special tokens are matched in the raw text, before lowercasing, unless the folder says
+        # "normalized": true (older hub folders do, for <|startoftext|> and <|endoftext|>).
         tokens[role] = AddedToken(spec["content"], single_word=spec.get("single_word", False),
                                   lstrip=spec.get("lstrip", False), rstrip=spec.get("rstrip", False),
                                   normalized=spec.get("normalized", False), special=True)
@@ -126,7 +127,8 @@ class Tokenizer:
 
     def __init__(self, vocab, merges, special_tokens=None, max_length=CONTEXT_LENGTH):
         special_tokens = special_tokens or {role: AddedToken(t, special=True) for role, t in SPECIAL_TOKENS.items()}
-        bpe = BPETokenizer(BPE(vocab, merges, end_of_word_suffix="</w>", unk_token=special_tokens["unk_token"].content))
+        unk = special_tokens["unk_token"].content  # never used: every byte has a symbol
+        bpe = BPETokenizer(BPE(vocab, merges, end_of_word_suffix="</w>", unk_token=unk))
         # transformers' CLIPTokenizer cleans text as OpenAI's does minus ftfy's repairs: NFC, one space
         # for any whitespace run, lowercase. Then CLIP's words, and ByteLevel maps each word's UTF-8
         # bytes to printable symbols. ByteLevel's own GPT-2 split finds no boundary inside a CLIP word
@@ -200,7 +202,7 @@ class TextConfig:
         names = [f.name for f in fields(cls) if f.name != "with_projection"]
         missing = [n for n in names if n not in config]
         if missing:
-            raise checkpoint.CheckpointError(f"{source}: missing {missing[0]} (expected a transformers CLIPTextConfig)")
+            raise checkpoint.CheckpointError(f"{source}: missing {missing[0]} (expected a CLIPTextConfig's fields)")
         if config["hidden_act"] not in ACTIVATIONS:
             raise checkpoint.CheckpointError(f"{source}: hidden_act is {config['hidden_act']!r}, "
                                              f"expected one of {sorted(ACTIVATIONS)}")
