@@ -1,0 +1,184 @@
+"""The one shared loading helper: hub id or local folder -> config and tensors, loaded strictly.
+
+A model's `from_pretrained` is three lines with it:
+
+    folder = checkpoint.resolve(path_or_repo_id, subfolder="unet")
+    model = build(checkpoint.read_config(folder)) on the meta device
+    checkpoint.load_into(model, checkpoint.read_tensors(folder, dtype=dtype), source=folder)
+
+Every failure is a `CheckpointError` whose one-line message names the file or key at fault and
+what was expected, so that the CLIs can print it without a traceback.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' file stems
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or key at fault."""
+
+
+# -----------------------------------------------------------------------------
+# files: local folder or hub id
+
+
+def _weight_candidates(variant):
+    """File names to look for, most preferred first: a variant ("fp16") before the plain file."""
+    stems = [f"{s}.{variant}" for s in WEIGHT_NAMES] if variant else []
+    stems += list(WEIGHT_NAMES)
+    return [f"{s}.safetensors.index.json" for s in stems] + [f"{s}.safetensors" for s in stems]
+
+
+def resolve(path_or_repo_id, subfolder=None, variant=None):
+    """A local folder holding config.json: the folder itself, its `subfolder`, or a hub download."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a folder (a hub repo's layout), got a file")
+        for folder in ([path / subfolder] if subfolder else []) + [path]:
+            if (folder / "config.json").is_file():
+                return folder
+        where = f"{path / subfolder} or {path}" if subfolder else str(path)
+        raise CheckpointError(f"{where}: no config.json (expected a hub repo's folder layout)")
+    if str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") != 1:
+        raise CheckpointError(f"{path_or_repo_id}: no such folder (and not a hub id 'owner/name')")
+    return _download(str(path_or_repo_id), subfolder, variant)
+
+
+def _download(repo_id, subfolder, variant):
+    """Fetch config.json and the weights of a hub repo's subfolder, or of its root (a standalone VAE)."""
+    from huggingface_hub import snapshot_download  # only needed for hub ids
+
+    prefixes = ([f"{subfolder}/"] if subfolder else []) + [""]
+    patterns = [p + name for p in prefixes for name in ["config.json", *_weight_candidates(variant)]]
+    try:
+        root = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # network, auth, unknown repo: all one line for the user
+        raise CheckpointError(f"{repo_id}: could not download from the hub ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    folder = next((root / p for p in prefixes if (root / p / "config.json").is_file()), None)
+    if folder is None:
+        raise CheckpointError(f"{repo_id}: no {prefixes[0]}config.json in the hub repo")
+    for name in _weight_candidates(variant):  # a sharded checkpoint: fetch the shards its index names
+        index = folder / name
+        if name.endswith(".index.json") and index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            prefix = str(folder.relative_to(root)).strip(".")
+            snapshot_download(repo_id, allow_patterns=[f"{prefix}/{n}" if prefix else n for n in shards])
+            break
+    return folder
+
+
+def read_config(folder):
+    """config.json of a resolved folder, as a dict."""
+    file = Path(folder) / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing (every model folder has a config.json)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def weight_files(folder, variant=None):
+    """The safetensors file(s) holding a folder's weights: a variant first, then the plain file."""
+    folder = Path(folder)
+    for name in _weight_candidates(variant):
+        file = folder / name
+        if not file.is_file():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{file}: not a valid shard index ({e})") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{file}: names shard {missing[0]}, which is missing")
+            return [folder / s for s in shards]
+        return [file]
+    raise CheckpointError(f"{folder}: no weights (expected {' or '.join(_weight_candidates(variant)[-2:])})")
+
+
+# -----------------------------------------------------------------------------
+# tensors
+
+
+def read_tensors(files_or_folder, dtype=None, device=None, variant=None):
+    """All tensors of one or more safetensors files; floating ones cast to `dtype` one at a time.
+
+    Casting tensor by tensor means an fp32 file loads as bf16 without ever holding the fp32 copy.
+    """
+    if isinstance(files_or_folder, (str, Path)) and Path(files_or_folder).is_dir():
+        files = weight_files(files_or_folder, variant)
+    elif isinstance(files_or_folder, (str, Path)):
+        files = [Path(files_or_folder)]
+    else:
+        files = [Path(f) for f in files_or_folder]
+    tensors = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    tensors[key] = t.to(device) if device is not None else t
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    return tensors
+
+
+def read_metadata(file):
+    """The string metadata of a safetensors file's header."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+
+def check_keys(expected, tensors, source):
+    """Raise on the first missing, unexpected or misshapen key. `expected` maps key -> shape."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]} (shape {tuple(expected[missing[0]])})"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected key {unexpected[0]} (not in the model)"
+                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    for k, shape in expected.items():
+        if tuple(tensors[k].shape) != tuple(shape):
+            raise CheckpointError(f"{source}: key {k} has shape {tuple(tensors[k].shape)}, "
+                                  f"expected {tuple(shape)}")
+
+
+def load_into(model, tensors, source):
+    """Load `tensors` into `model` strictly (every key, every shape), replacing meta tensors."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_keys(expected, tensors, source)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    for name, p in model.named_parameters():  # assign=True keeps the loaded tensors' requires_grad
+        p.requires_grad_(True)
+    return model
+
+
+def save_file(tensors, file, metadata=None):
+    """Write safetensors atomically: a crash mid-write leaves the previous file intact."""
+    from safetensors.torch import save_file as _save
+
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + ".tmp")
+    _save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(file)
