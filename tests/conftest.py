@@ -1,0 +1,7 @@
+"""Make the flat library importable from tests/ (the repo root is the package root)."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
