@@ -1,0 +1,176 @@
+"""Noise schedules, samplers and classifier-free guidance, over the one denoiser interface.
+
+A denoiser here is any function `denoise(x, t) -> out`, where `out` is the model's own prediction
+(epsilon or v, with the learned variance in extra channels where the model has them). Models,
+CFG and adapter students all become one with a closure:
+
+    denoise = lambda x, t: model(x, t, **cond)             # the conditional model, one pass
+    denoise = guided(model, w, cond, null)                  # CFG, two passes (batched as one)
+    denoise = lambda x, t: student(x, t, w=w, **cond)       # AGD, one pass
+
+Samplers are plain functions sharing one signature, `sampler(denoise, x, alphas_cumprod, timesteps,
+...)`, and can record the trajectory (x_t, t, denoiser output) at every step, which is what AGD
+trains on (Algorithm 1 of Jensen & Sadat 2025). Schedules are `alphas_cumprod` vectors (float64),
+indexed by the integer training timestep.
+"""
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+# -----------------------------------------------------------------------------
+# noise schedules
+
+
+def linear_schedule(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    """alphas_cumprod of DDPM's linear betas (Ho et al. 2020), as DiT trains with."""
+    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def scaled_linear_schedule(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
+    """alphas_cumprod of Stable Diffusion's betas: linear in sqrt(beta)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def spaced_timesteps(num_steps, num_train_timesteps=1000, spacing="leading", steps_offset=0):
+    """The descending training timesteps a sampler visits (Lin et al. 2023, Table 2; IDDPM respacing).
+
+    "leading" and "trailing" are diffusers' spacings; "iddpm" is improved DDPM's `space_timesteps`,
+    which DiT samples with (evenly spaced, rounded, from 0 to T - 1).
+    """
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    if spacing == "leading":
+        ts = np.arange(num_steps) * (num_train_timesteps // num_steps) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, num_train_timesteps - 1, num_steps).round()
+    elif spacing == "iddpm":
+        stride = (num_train_timesteps - 1) / (num_steps - 1) if num_steps > 1 else 0
+        ts = np.array([round(i * stride) for i in range(num_steps)])
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}")
+    return torch.from_numpy(np.sort(ts.astype(np.int64))[::-1].copy())
+
+
+def add_noise(alphas_cumprod, x0, t, noise):
+    """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
+    abar = alphas_cumprod.to(x0.device)[t].float().view(-1, *[1] * (x0.ndim - 1))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+# -----------------------------------------------------------------------------
+# classifier-free guidance
+
+
+def cfg(cond_out, uncond_out, w, channels):
+    """uncond + w (cond - uncond) (Ho & Salimans 2022) on the first `channels` channels.
+
+    Channels past them (a learned variance) are taken from the conditional prediction, as DiT does.
+    w = 1 gives the conditional prediction; w may be a number or one value per sample.
+    """
+    w = torch.as_tensor(w, dtype=cond_out.dtype, device=cond_out.device).reshape(-1, *[1] * (cond_out.ndim - 1))
+    pred = uncond_out[:, :channels] + w * (cond_out[:, :channels] - uncond_out[:, :channels])
+    return torch.cat([pred, cond_out[:, channels:]], dim=1)
+
+
+def guided(model, w, cond, null):
+    """The CFG denoiser: conditional and null passes batched into one call of `model`."""
+
+    def denoise(x, t):
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        both = {k: torch.cat([cond[k], null[k]]) for k in cond}
+        cond_out, uncond_out = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+        return cfg(cond_out, uncond_out, w, x.shape[1])
+
+    return denoise
+
+
+# -----------------------------------------------------------------------------
+# single steps: x_t -> x_{t_prev}; t_prev = -1 means the clean sample
+
+
+def _abar(alphas_cumprod, t):
+    return alphas_cumprod[t].item() if t >= 0 else 1.0
+
+
+def predict_x0_eps(prediction, x, abar_t, prediction_type):
+    """(x_0, epsilon) from the model's prediction: epsilon (DDPM) or v (Salimans & Ho 2022)."""
+    if prediction_type == "epsilon":
+        eps = prediction
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+    elif prediction_type == "v_prediction":
+        x0 = math.sqrt(abar_t) * x - math.sqrt(1 - abar_t) * prediction
+        eps = math.sqrt(abar_t) * prediction + math.sqrt(1 - abar_t) * x
+    else:
+        raise ValueError(f"unknown prediction type {prediction_type!r}")
+    return x0, eps
+
+
+def ddpm_step(alphas_cumprod, out, t, t_prev, x, noise=None, prediction_type="epsilon", clip_sample=None):
+    """Ancestral step of p(x_{t_prev} | x_t) (Ho et al. 2020, eq. 7) over a respaced chain.
+
+    With 2C output channels the last C interpolate the log-variance between the posterior's
+    and beta's (improved DDPM, Nichol & Dhariwal 2021, eq. 15), as DiT predicts it.
+    """
+    C = x.shape[1]
+    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+    beta = 1 - abar_t / abar_prev  # the respaced chain's beta_t
+    x0, _ = predict_x0_eps(out[:, :C], x, abar_t, prediction_type)
+    if clip_sample is not None:  # pixel-space models: x_0 lies in [-1, 1]
+        x0 = x0.clamp(-clip_sample, clip_sample)
+    mean = (math.sqrt(abar_prev) * beta / (1 - abar_t)) * x0 + \
+        (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t)) * x  # posterior mean, eq. 7
+    if t_prev < 0 or noise is None:
+        return mean
+    posterior_var = max((1 - abar_prev) / (1 - abar_t) * beta, 1e-20)
+    if out.shape[1] == 2 * C:
+        frac = (out[:, C:] + 1) / 2  # the model's v in [-1, 1]
+        log_var = frac * math.log(beta) + (1 - frac) * math.log(posterior_var)
+    else:
+        log_var = torch.full_like(mean, math.log(posterior_var))
+    return mean + torch.exp(0.5 * log_var) * noise
+
+
+def ddim_step(alphas_cumprod, out, t, t_prev, x, noise=None, eta=0.0, prediction_type="epsilon", clip_sample=None):
+    """DDIM step (Song et al. 2021, eq. 12); eta = 0 is deterministic. Learned variance is ignored."""
+    C = x.shape[1]
+    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+    x0, eps = predict_x0_eps(out[:, :C], x, abar_t, prediction_type)
+    if clip_sample is not None:  # pixel-space models; epsilon is kept unclipped, as in diffusers
+        x0 = x0.clamp(-clip_sample, clip_sample)
+    sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma**2) * eps
+    if sigma > 0 and noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+# -----------------------------------------------------------------------------
+# sampling loops
+
+
+def sample(denoise, x, alphas_cumprod, timesteps, step=ddpm_step, generator=None, record=None,
+           progress=False, **step_kw):
+    """Run a sampler from noise x at timesteps[0] down to the clean sample.
+
+    `record`, if a list, receives one (x_t, t, out) per step: the trajectory AGD trains on.
+    """
+    ts = [int(t) for t in timesteps]
+    for i, t in enumerate(tqdm(ts, disable=not progress, desc="sampling", leave=False)):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        out = denoise(x, tt)
+        if record is not None:
+            record.append((x, t, out))
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if t_prev >= 0 else None
+        x = step(alphas_cumprod, out, t, t_prev, x, noise=noise, **step_kw)
+    return x
+
+
+SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
