@@ -404,6 +404,7 @@ class PromptEncoder(nn.Module):
 
     @property
     def is_xl(self):
+        """SDXL (two towers, pooled text and size conditioning) rather than SD 2.1."""
         return self.text_encoder_2 is not None
 
     @classmethod
