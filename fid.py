@@ -102,7 +102,7 @@ class BasicConv2d(nn.Module):
         self.bn = BatchNorm2d(out_channels)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)  # in place: the batch norm's output is ours
 
 
 class InceptionA(nn.Module):
