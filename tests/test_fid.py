@@ -52,6 +52,7 @@ def weights_file(official_weights, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inception(weights_file):
+    """Our network, loaded from the seeded weights file by the official-layout loader."""
     return fid.load_inception(weights_file)
 
 
@@ -82,12 +83,12 @@ class PoolFeatures(nn.Module):
         return F.adaptive_avg_pool2d(images, 2).flatten(1) * self.scale  # (B, 12)
 
 
-def write_png(file, pixels, mode="RGB"):
-    Image.fromarray(pixels, mode).save(file)
+def write_png(file, pixels):
+    Image.fromarray(pixels).save(file)
 
 
 def run_cli(argv):
-    """main() of the CLI; returns its printed lines or the SystemExit message."""
+    """Run the CLI's main(): None if it finished, else its SystemExit message."""
     try:
         fid.main(fid.parse_args(argv))
     except SystemExit as e:
@@ -237,6 +238,7 @@ def test_folder_npz_and_tensor_give_the_same_features(tmp_path):
     for i, image in enumerate(pixels):
         write_png(tmp_path / "images" / f"{i}.png", image)
     np.savez(tmp_path / "images.npz", pixels)  # arr_0, as the ADM evaluator reads it
+    np.savez_compressed(tmp_path / "compressed.npz", pixels)
     model = PoolFeatures()
     from_folder = fid.features(model, tmp_path / "images", batch_size=2, progress=False)
     from_npz = fid.features(model, tmp_path / "images.npz", batch_size=3, progress=False)
@@ -244,6 +246,8 @@ def test_folder_npz_and_tensor_give_the_same_features(tmp_path):
     expected = pixels.reshape(5, 2, 6, 2, 5, 3).mean((2, 4)).transpose(0, 3, 1, 2).reshape(5, 12) / 255
     np.testing.assert_allclose(from_folder, expected, rtol=1e-6)
     np.testing.assert_array_equal(from_npz, from_folder)
+    np.testing.assert_array_equal(fid.features(model, tmp_path / "compressed.npz", batch_size=2, progress=False),
+                                  from_folder)
     np.testing.assert_array_equal(from_tensor, from_folder)
     np.testing.assert_array_equal(fid.features(model, tmp_path / "images", num_samples=3, progress=False),
                                   from_folder[:3])
