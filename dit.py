@@ -7,14 +7,17 @@ Called as every denoiser in this library is called:
 
 Class `num_classes` is the null class that label dropout trains, so classifier-free guidance can
 ask for the unconditional prediction. Attribute names are those of the paper's code
-(facebookresearch/DiT); the hub's diffusers layout is mapped onto them by `from_diffusers`.
+(facebookresearch/DiT), so its checkpoints (DiT-XL-2-256x256.pt) load as they are, less the fixed
+positions they store; the hub's diffusers layout is mapped onto them by `from_diffusers`.
 
 Letters in shape comments: B batch, C channels, H W height width, T tokens, D hidden size,
 nh heads, hs head size, p patch size.
 """
 
+import argparse
 import json
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,7 +333,8 @@ def from_diffusers(sd, depth, source="state dict"):
             first = out[f"{ours}.{p}"] = take(f"transformer_blocks.0.{theirs}.{p}")
             for i in range(1, depth):
                 copy = take(f"transformer_blocks.{i}.{theirs}.{p}")
-                if copy.shape != first.shape or not torch.equal(copy, first):
+                # (meta tensors, as in the full-size key checks, have no values to compare)
+                if copy.shape != first.shape or (not copy.is_meta and not torch.equal(copy, first)):
                     raise checkpoint.CheckpointError(
                         f"{source}: transformer_blocks.{i}.{theirs}.{p} differs from block 0's copy "
                         "(DiT shares one embedder across blocks)")
@@ -368,15 +372,107 @@ def to_diffusers(sd, depth):
     return out
 
 
-def from_pretrained(path_or_repo_id, subfolder="transformer", dtype=None, device=None):
-    """A DiT from a hub id or local folder in the hub's layout (config.json + safetensors)."""
-    folder = checkpoint.resolve(path_or_repo_id, subfolder)
-    cfg = config_from_diffusers(checkpoint.read_config(folder))
+# -----------------------------------------------------------------------------
+# loading the paper's own checkpoints (facebookresearch/DiT: DiT-XL-2-256x256.pt, train.py's *.pt)
+#
+# Their keys are ours, plus `pos_embed`, which that code keeps as a frozen parameter. The files hold
+# no config: it is read off the tensor shapes, with the paper code's freq_shift 0 and MLP LayerNorm
+# eps 1e-6 (this file's defaults).
+
+
+def find_original(path_or_repo_id, subfolder="transformer"):
+    """The .pt file named by `path_or_repo_id`, itself or as the one in a folder with no config.json; else None."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir() or any((folder / "config.json").is_file() for folder in (path / subfolder, path)):
+        return None  # a hub id or a folder in the hub's layout
+    files = sorted(path.glob("*.pt"))
+    if len(files) > 1:
+        raise checkpoint.CheckpointError(f"{path}: holds {len(files)} .pt checkpoints ({files[0].name}, "
+                                         f"{files[1].name}, ...); name one of them")
+    return files[0] if files else None
+
+
+def read_original(file):
+    """The model's tensors in a .pt file: a state dict, or the EMA weights of train.py's checkpoints."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # train.py saves its args beside the weights
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # corrupt, or pickled objects whose loading could run code
+        raise checkpoint.CheckpointError(f"{file}: not a PyTorch checkpoint of plain tensors "
+                                         "(torch.load with weights_only=True refused it)") from None
+    except Exception as e:  # truncated, not a zip archive, unreadable: one line for the user
+        raise checkpoint.CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(sd, dict) and "ema" in sd:
+        sd = sd["ema"]  # train.py's {"model", "ema", "opt", "args"}: the EMA weights, as DiT's sample.py takes
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise checkpoint.CheckpointError(f"{file}: not a state dict (expected a dict of tensors, or one under 'ema')")
+    return sd
+
+
+def config_from_original(sd, num_heads=None, source="state dict"):
+    """Our config from the tensor shapes of an original checkpoint.
+
+    The number of heads leaves no trace in the shapes: unless given, it is that of the preset of the
+    same width and depth (DiT-S, -B, -L, -XL, Table 1).
+    """
+    for key in ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+                "final_layer.linear.weight", "blocks.0.mlp.fc1.weight"):
+        if key not in sd:
+            raise checkpoint.CheckpointError(f"{source}: missing key {key} (not a facebookresearch/DiT checkpoint)")
+    hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape  # (D, C, p, p)
+    tokens = sd["pos_embed"].shape[1]  # (1, T, D)
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise checkpoint.CheckpointError(f"{source}: pos_embed has {tokens} positions, not a square grid")
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    if num_heads is None:
+        presets = [make() for make in DiT_models.values()]
+        same = [c.num_heads for c in presets if (c.hidden_size, c.depth) == (hidden, depth)]
+        if not same:
+            raise checkpoint.CheckpointError(f"{source}: width {hidden} and depth {depth} are no preset's, and the "
+                                             "number of heads is not in the file: pass num_heads")
+        num_heads = same[0]
+    out_channels = sd["final_layer.linear.weight"].shape[0] // patch**2  # (p*p*C_out, D)
+    return DiTConfig(
+        input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+        num_heads=num_heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,  # its last row is the null class
+        learn_sigma=out_channels == 2 * in_channels, norm_eps=1e-6, freq_shift=0)
+
+
+def from_original(sd, cfg, source="state dict"):
+    """Map an original state dict onto ours: the same keys, less `pos_embed`, checked to be our positions."""
+    sd = dict(sd)
+    pos = sd.pop("pos_embed", None)
+    ours = sincos_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)[None]  # (1, T, D)
+    if pos is None or pos.shape != ours.shape or not torch.allclose(pos.float(), ours, rtol=0, atol=1e-5):
+        raise checkpoint.CheckpointError(f"{source}: pos_embed is not the fixed 2-d sin-cos positions of a "
+                                         f"{cfg.input_size // cfg.patch_size}^2 grid (DiT does not learn them)")
+    return sd
+
+
+# -----------------------------------------------------------------------------
+# loading either layout, saving the hub's
+
+
+def from_pretrained(path_or_repo_id, subfolder="transformer", dtype=None, device=None, num_heads=None):
+    """A DiT from a hub id, a local folder in the hub's layout, or a .pt of the paper's code (or a folder of one)."""
+    original = find_original(path_or_repo_id, subfolder)
+    if original is not None:  # num_heads: only for a .pt of a model that is no preset (config_from_original)
+        sd = read_original(original)
+        cfg = config_from_original(sd, num_heads, source=original)
+        tensors, source = from_original(sd, cfg, source=original), original
+    else:
+        folder = checkpoint.resolve(path_or_repo_id, subfolder)
+        cfg = config_from_diffusers(checkpoint.read_config(folder))
+        files = checkpoint.weight_files(folder)
+        tensors, source = from_diffusers(checkpoint.read_tensors(files, dtype=dtype), cfg.depth, files[0]), files[0]
     with torch.device("meta"):
         model = DiT(cfg)
-    files = checkpoint.weight_files(folder)
-    tensors = from_diffusers(checkpoint.read_tensors(files, dtype=dtype), cfg.depth, source=files[0])
-    checkpoint.load_into(model, tensors, source=files[0])
+    checkpoint.load_into(model, tensors, source=source)
     return model.to(device=device, dtype=dtype).eval()
 
 
