@@ -469,9 +469,13 @@ def from_pretrained(path_or_repo_id, subfolder="transformer", dtype=None, device
         folder = checkpoint.resolve(path_or_repo_id, subfolder)
         cfg = config_from_diffusers(checkpoint.read_config(folder))
         files = checkpoint.weight_files(folder)
-        tensors, source = from_diffusers(checkpoint.read_tensors(files, dtype=dtype), cfg.depth, files[0]), files[0]
+        tensors, source = checkpoint.read_tensors(files, dtype=dtype), files[0]
     with torch.device("meta"):
         model = DiT(cfg)
+    if original is None:  # check the file's own keys first, so that errors name them
+        expected = {k: v.shape for k, v in to_diffusers(model.state_dict(), cfg.depth).items()}
+        checkpoint.check_keys(expected, tensors, source)
+        tensors = from_diffusers(tensors, cfg.depth, source)
     checkpoint.load_into(model, tensors, source=source)
     return model.to(device=device, dtype=dtype).eval()
 
