@@ -1,0 +1,139 @@
+"""Adapters: a fresh student is the base model, disabled adapters give it back bit for bit, files round-trip."""
+
+import pytest
+import torch
+
+import adapters
+import checkpoint
+import dit
+
+
+def tiny_dit(seed=0):
+    torch.manual_seed(seed)
+    model = dit.DiT(dit.DiTConfig(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=2,
+                                  num_classes=5)).eval()
+    for p in model.parameters():  # random everywhere: the paper's zero-inits would hide the blocks
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def inputs(n=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 2, 8, 8, generator=g), torch.tensor([3, 400, 999][:n]), torch.tensor([0, 4, 5][:n])
+
+
+def randomize(student):
+    """Pretend the adapters were trained: every adapter weight nonzero."""
+    with torch.no_grad():
+        for p in student.adapters.parameters():
+            p.normal_(0, 0.3)
+
+
+@pytest.mark.parametrize("options", [{}, {"arch": "additive"}, {"use_timestep": True, "num_classes": 6, "num_heads": 2}])
+def test_fresh_student_equals_base_exactly(options):
+    model = tiny_dit()
+    x, t, y = inputs()
+    with torch.no_grad():
+        base = model(x, t, y=y)
+        student = adapters.attach(model, hidden_dim=16, **options)
+        assert torch.equal(student(x, t, w=4.0, y=y), base)
+
+
+def test_disabled_adapters_give_the_base_model_bit_for_bit():
+    model = tiny_dit()
+    x, t, y = inputs()
+    with torch.no_grad():
+        base = model(x, t, y=y)
+        student = adapters.attach(model, hidden_dim=16, use_timestep=True)
+        randomize(student)
+        guided = student(x, t, w=3.0, y=y)
+        assert not torch.allclose(guided, base)  # trained adapters change the output
+        student.enabled = False
+        assert torch.equal(student(x, t, w=3.0, y=y), base)
+        student.enabled = True
+        with student.disabled():
+            assert torch.equal(model(x, t, y=y), base)
+        assert torch.equal(model(x, t, y=y), base)  # no leftover condition after a no-grad call
+        student.detach()
+        assert torch.equal(model(x, t, y=y), base)
+
+
+def test_training_touches_only_the_adapters():
+    model = tiny_dit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    student = adapters.attach(model, hidden_dim=16)
+    assert all(not p.requires_grad for p in model.parameters())
+    opt = torch.optim.Adam(student.adapters.parameters(), lr=1e-2)
+    x, t, y = inputs()
+    for _ in range(3):
+        loss = (student(x, t, w=torch.tensor([1.0, 2.0, 5.0]), y=y) - 1).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(p.abs().sum() > 0 for p in (a.out_proj.weight for a in student.adapters))
+    student.release()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y=y), dit.DiT.forward(model, x, t, y))
+
+
+def test_adapters_follow_w():
+    model = tiny_dit()
+    student = adapters.attach(model, hidden_dim=16)
+    randomize(student)
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert not torch.allclose(student(x, t, w=1.0, y=y), student(x, t, w=6.0, y=y))
+        per_sample = student(x, t, w=torch.tensor([1.0, 6.0, 1.0]), y=y)
+        assert torch.allclose(per_sample[1], student(x, t, w=6.0, y=y)[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"arch": "additive", "use_timestep": True}])
+def test_save_load_round_trip(tmp_path, options):
+    model = tiny_dit()
+    student = adapters.attach(model, hidden_dim=16, **options)
+    randomize(student)
+    x, t, y = inputs()
+    with torch.no_grad():
+        expected = student(x, t, w=2.5, y=y)
+    student.save(tmp_path / "agd.safetensors")
+    student.detach()
+    assert adapters.read_config(tmp_path / "agd.safetensors").hidden_dim == 16
+    keys = checkpoint.read_tensors(tmp_path / "agd.safetensors")
+    assert all(k.startswith("blocks.") for k in keys) and len(keys) == len(student.adapter_state_dict())
+    # onto a different instance of the same architecture (a fine-tune of the base, say)
+    other = tiny_dit()
+    loaded = adapters.load(other, tmp_path / "agd.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, w=2.5, y=y), expected)
+    n_adapter, n_base = loaded.num_parameters()
+    assert 0 < n_adapter and n_base == sum(p.numel() for p in other.parameters())
+
+
+def test_load_rejects_a_mismatched_file(tmp_path):
+    student = adapters.attach(tiny_dit(), hidden_dim=16)
+    student.save(tmp_path / "agd.safetensors")
+    student.detach()
+    bigger = dit.DiT(dit.DiTConfig(input_size=8, patch_size=2, in_channels=2, hidden_size=48, depth=2, num_heads=2,
+                                   num_classes=5))
+    with pytest.raises(checkpoint.CheckpointError, match=r"blocks\.0\.attn\.q_proj\.weight has shape"):
+        adapters.load(bigger, tmp_path / "agd.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(checkpoint.CheckpointError, match="junk.safetensors"):
+        adapters.load(tiny_dit(), tmp_path / "junk.safetensors")
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="hidden_size"):
+        adapters.attach(tiny_dit(), hidden_size=3)
+    with pytest.raises(ValueError, match="lora"):
+        adapters.attach(tiny_dit(), arch="lora")
+    with pytest.raises(ValueError, match="attn9"):
+        adapters.attach(tiny_dit(), target="attn9")
+
+
+def test_placement_is_every_attention_block():
+    model = tiny_dit()
+    student = adapters.attach(model, hidden_dim=16)
+    assert student.targets == ["blocks.0.attn", "blocks.1.attn"]
+    assert student.config.target == "attn"
