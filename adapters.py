@@ -208,6 +208,10 @@ class Student(nn.Module):
             if not self.enabled or self._condition is None:
                 return None  # the base model's output, untouched
             x = args[0]  # (B, T, D): the hidden states entering the attention block
+            if x.shape[0] != self._condition["w"].shape[0]:
+                raise RuntimeError(f"adapters hold the condition of a batch of {self._condition['w'].shape[0]} "
+                                   f"but the model runs a batch of {x.shape[0]}: call the model through the "
+                                   "student, or call student.release() after training")
             return output + adapter(x.to(adapter.out_proj.weight.dtype), **self._condition).to(output.dtype)
 
         return add_adapter_output
@@ -225,6 +229,10 @@ class Student(nn.Module):
         finally:
             if not torch.is_grad_enabled():
                 self._condition = None
+
+    def release(self):
+        """Forget the condition that the last call with gradients kept for the backward pass."""
+        self._condition = None
 
     @contextmanager
     def disabled(self):
