@@ -611,11 +611,12 @@ def parse_args(argv=None):
                              "--save-stats, images and the .npz to write")
     parser.add_argument("--save-stats", action="store_true", help="write the first path's statistics to the second")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the network and precision/recall run")
     parser.add_argument("--num-samples", type=int, default=None, help="use the first N images of each set")
     parser.add_argument("--num-workers", type=int, default=NUM_WORKERS, help="image-decoding threads")
     parser.add_argument("--weights", default=None,
-                        help="pt_inception-2015-12-05-6726825d.pth; default: downloaded once to torch's hub cache")
+                        help="path of pt_inception-2015-12-05-6726825d.pth (None: download once to the hub cache)")
     parser.add_argument("--precision-recall", action="store_true",
                         help=f"also improved precision and recall (k = {PR_NEIGHBOURS}); needs images, not statistics")
     parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="where features of image sets are kept")
