@@ -76,14 +76,18 @@ class UNetConfig:
                     raise ValueError(f"{name}: {kind!r} is not supported (expected one of {allowed})")
         heads = per_level(self.attention_head_dim, n)
         for i, (channels, nh) in enumerate(zip(self.block_out_channels, heads)):
-            attends = "CrossAttnDownBlock2D" in self.down_block_types[i] or i == n - 1  # the mid block attends
+            attends = self.down_block_types[i] == "CrossAttnDownBlock2D" or i == n - 1  # the mid block attends
             if attends and channels % nh:
                 raise ValueError(f"attention_head_dim: {nh} heads do not divide the {channels} channels of level {i}")
         if self.addition_embed_type not in (None, "text_time"):
-            raise ValueError(f"addition_embed_type: {self.addition_embed_type!r} is not supported (None or 'text_time')")
-        if self.addition_embed_type and not (self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+            raise ValueError(f"addition_embed_type: {self.addition_embed_type!r} is not supported "
+                             "(None or 'text_time')")
+        sizes = self.addition_time_embed_dim, self.projection_class_embeddings_input_dim
+        if self.addition_embed_type and not all(sizes):
             raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
                              "projection_class_embeddings_input_dim")
+        if not isinstance(self.cross_attention_dim, int):
+            raise ValueError(f"cross_attention_dim: expected one width for all levels, got {self.cross_attention_dim}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type: {self.prediction_type!r} (expected 'epsilon' or 'v_prediction')")
 
@@ -137,7 +141,7 @@ def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=0, max_period=10000):
 
 
 def run(module, checkpointed, *args):
-    """module(*args); when checkpointed, its activations are recomputed in backward, not stored (Chen et al. 2016)."""
+    """module(*args); checkpointed, its activations are recomputed in backward (Chen et al. 2016, arXiv 1604.06174)."""
     if checkpointed:
         return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
     return module(*args)
@@ -216,10 +220,10 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        B, T, C = x.shape
-        q = self.to_q(x).view(B, T, self.heads, -1).transpose(1, 2)        # [B, nh, T, hd]
-        k = self.to_k(context).view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # [B, nh, L, hd]
-        v = self.to_v(context).view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # [B, nh, L, hd]
+        (B, T, C), L, nh = x.shape, context.shape[1], self.heads
+        q = self.to_q(x).view(B, T, nh, C // nh).transpose(1, 2)           # [B, nh, T, hd]
+        k = self.to_k(context).view(B, L, nh, C // nh).transpose(1, 2)     # [B, nh, L, hd]
+        v = self.to_v(context).view(B, L, nh, C // nh).transpose(1, 2)     # [B, nh, L, hd]
         out = F.scaled_dot_product_attention(q, k, v)                      # [B, nh, T, hd], scale hd^-0.5
         return self.to_out[0](out.transpose(1, 2).reshape(B, T, C))        # [B, T, C]
 
@@ -268,7 +272,7 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """The grid as tokens through transformer blocks and back, around a residual (LDM's; diffusers' Transformer2DModel)."""
+    """The grid as tokens through transformer blocks and back, plus a residual (diffusers' Transformer2DModel)."""
 
     def __init__(self, channels, heads, depth, context_dim, linear_projection, groups):
         super().__init__()
@@ -324,7 +328,7 @@ class MidBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """One level up: resnets, each joining a skip and followed by a transformer where the level attends, then 2x upsampling."""
+    """One level up: resnets, each joining a skip and followed by a transformer where the level attends, then 2x."""
 
     def __init__(self, resnets, attentions, upsample=None):
         super().__init__()
@@ -376,10 +380,11 @@ class UNet(nn.Module):
         skips = [ch[0]] + [ch[i] for i in range(n) for _ in range(n_resnets[i] + (i < n - 1))]
         self.up_blocks = nn.ModuleList()
         for j, i in enumerate(reversed(range(n))):  # the j-th up block works at level i
-            joined = [skips.pop() for _ in range(n_resnets[i] + 1)]
+            joined = [skips.pop() for _ in range(n_resnets[i] + 1)]  # channels of the skip each resnet joins
+            below = ch[min(i + 1, n - 1)]  # channels coming up from the level below
             attends = c.up_block_types[j] == "CrossAttnUpBlock2D"
             self.up_blocks.append(UpBlock(
-                [resnet((ch[min(i + 1, n - 1)] if k == 0 else ch[i]) + skip, ch[i]) for k, skip in enumerate(joined)],
+                [resnet((below if k == 0 else ch[i]) + skip, ch[i]) for k, skip in enumerate(joined)],
                 [transformer(i) for _ in joined] if attends else [],
                 Upsample(ch[i]) if i > 0 else None))
 
@@ -396,7 +401,8 @@ class UNet(nn.Module):
             raise ValueError(f"t: expected a number or {batch} timesteps, got shape {tuple(t.shape)}")
         t = t.reshape(-1).expand(batch)                                    # [B]
         # sinusoids in fp32, then the weights' dtype, as diffusers: bf16 results match theirs
-        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(dtype))
+        features = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)  # [B, C]
+        emb = self.time_embedding(features.to(dtype))                      # [B, E]
         if c.addition_embed_type == "text_time":  # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2)
             if text_embeds is None or time_ids is None:
                 raise ValueError("SDXL's UNet needs text_embeds (the pooled text embedding) and time_ids "
@@ -405,11 +411,15 @@ class UNet(nn.Module):
             ids = ids.reshape(batch, -1)                                   # [B * 6, 256] -> [B, 6 * 256]
             emb = emb + self.add_embedding(torch.cat([text_embeds.to(dtype), ids.to(dtype)], dim=-1))  # [B, E]
         elif text_embeds is not None or time_ids is not None:
-            raise ValueError("text_embeds and time_ids are only for SDXL's text_time conditioning, absent in this config")
+            raise ValueError("text_embeds and time_ids are only for SDXL's text_time conditioning, not in this config")
         return emb
 
     def forward(self, x, t, context, text_embeds=None, time_ids=None):
-        """The prediction [B, out, H, W] for latents x [B, in, H, W] at timesteps t given text tokens context [B, L, D]."""
+        """Epsilon or v [B, out, H, W] at latents x [B, in, H, W], timesteps t and text tokens context [B, L, D].
+
+        SDXL also takes its pooled text embedding text_embeds [B, 1280] and time_ids [B, 6]: original
+        size, crop corner and target size, in pixels.
+        """
         dtype = self.conv_in.weight.dtype  # the model runs in its weights' dtype; inputs are cast to it
         x, context = x.to(dtype), context.to(dtype)
         emb = self.embed(t, x.shape[0], dtype, text_embeds, time_ids)      # [B, E]
