@@ -1,0 +1,76 @@
+"""train_agd.py end to end on the bundled tiny teacher, at toy sizes: collect -> train -> evaluate, resume."""
+
+import json
+
+import pytest
+import torch
+
+import adapters
+import checkpoint
+import tiny
+import train_agd
+
+TOY = ["--trajectories", "20", "--steps", "4", "--shard-size", "10", "--train-steps", "6", "--batch-size", "8",
+       "--save-every", "3", "--eval-samples", "20", "--eval-batch", "10", "--eval-w", "2.0", "4.0"]
+
+
+def run(tmp_path, *extra):
+    args = train_agd.parse_args(["--out", str(tmp_path), *TOY, *extra])
+    train_agd.main(args)
+    return args
+
+
+def test_end_to_end(tmp_path):
+    run(tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rows = {(r["method"], r["w"]) for r in metrics["results"]}
+    assert rows == {(m, w) for m in ("base", "cfg", "agd") for w in (2.0, 4.0)}
+    for r in metrics["results"]:
+        assert r["fid"] >= 0 and 0 <= r["accuracy"] <= 1 and r["sec_per_image"] > 0
+    assert (tmp_path / "samples.png").stat().st_size > 0
+    shards = sorted((tmp_path / "trajectories").glob("shard_*.safetensors"))
+    assert len(shards) == 2
+    data = train_agd.load_shards(tmp_path / "trajectories")
+    assert len(data["x"]) == 20 * 4 and data["x"].dtype == torch.float16
+    assert 1.0 <= data["w"].min() and data["w"].max() <= 6.0
+    student = adapters.load(tiny.load_teacher(), tmp_path / "adapters.safetensors")
+    assert student.num_parameters()[0] == metrics["adapter_parameters"]
+
+
+def test_resume_after_a_kill_gives_the_same_adapters(tmp_path, monkeypatch):
+    run(tmp_path / "whole", "--no-eval")
+    real_save = train_agd.save_state
+
+    def killed(file, student, opt, sched, step, *rest):
+        real_save(file, student, opt, sched, step, *rest)
+        raise KeyboardInterrupt  # the process dies right after its first checkpoint
+
+    monkeypatch.setattr(train_agd, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", "--no-eval")
+    monkeypatch.setattr(train_agd, "save_state", real_save)
+    assert torch.load(tmp_path / "killed" / "train_state.pt", weights_only=True)["step"] == 3
+    run(tmp_path / "killed", "--no-eval", "--resume")
+    a = checkpoint.read_tensors(tmp_path / "whole" / "adapters.safetensors")
+    b = checkpoint.read_tensors(tmp_path / "killed" / "adapters.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_collection_resumes_and_names_a_corrupt_shard(tmp_path):
+    s = train_agd.load_setup(train_agd.parse_args(["--out", str(tmp_path), *TOY]))
+    args = train_agd.parse_args(["--out", str(tmp_path), *TOY])
+    train_agd.collect(s, args, tmp_path / "trajectories")
+    first = tmp_path / "trajectories" / "shard_00000.safetensors"
+    stamp = first.stat().st_mtime_ns
+    train_agd.collect(s, args, tmp_path / "trajectories")  # nothing to do: shards are kept
+    assert first.stat().st_mtime_ns == stamp
+    first.write_bytes(first.read_bytes()[:100])
+    with pytest.raises(checkpoint.CheckpointError, match="shard_00000.safetensors"):
+        train_agd.load_shards(tmp_path / "trajectories")
+    assert (tmp_path / "trajectories" / "shard_00001.safetensors").is_file()  # nothing else lost
+
+
+def test_bad_arguments_exit_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_agd.parse_args(["--w-min", "3", "--w-max", "2"])
+    assert "--w-min" in capsys.readouterr().err
