@@ -11,14 +11,20 @@ CFG and adapter students all become one with a closure:
 Samplers are plain functions sharing one signature, `sampler(denoise, x, alphas_cumprod, timesteps,
 ...)`, and can record the trajectory (x_t, t, denoiser output) at every step, which is what AGD
 trains on (Algorithm 1 of Jensen & Sadat 2025). Schedules are `alphas_cumprod` vectors (float64),
-indexed by the integer training timestep.
+indexed by the integer training timestep. `scheduler_from_config` reads a diffusers scheduler
+config (an SD repo's scheduler/scheduler_config.json) into a schedule, its timesteps and its step.
 """
 
+import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+import checkpoint
 
 # -----------------------------------------------------------------------------
 # noise schedules
@@ -95,8 +101,8 @@ def guided(model, w, cond, null):
 # single steps: x_t -> x_{t_prev}; t_prev = -1 means the clean sample
 
 
-def _abar(alphas_cumprod, t):
-    return alphas_cumprod[t].item() if t >= 0 else 1.0
+def _abar(alphas_cumprod, t, final=1.0):
+    return alphas_cumprod[t].item() if t >= 0 else final
 
 
 def predict_x0_eps(prediction, x, abar_t, prediction_type):
@@ -137,10 +143,15 @@ def ddpm_step(alphas_cumprod, out, t, t_prev, x, noise=None, prediction_type="ep
     return mean + torch.exp(0.5 * log_var) * noise
 
 
-def ddim_step(alphas_cumprod, out, t, t_prev, x, noise=None, eta=0.0, prediction_type="epsilon", clip_sample=None):
-    """DDIM step (Song et al. 2021, eq. 12); eta = 0 is deterministic. Learned variance is ignored."""
+def ddim_step(alphas_cumprod, out, t, t_prev, x, noise=None, eta=0.0, prediction_type="epsilon", clip_sample=None,
+              final_alpha_cumprod=1.0):
+    """DDIM step (Song et al. 2021, eq. 12); eta = 0 is deterministic. Learned variance is ignored.
+
+    `final_alpha_cumprod` is abar after the last step: 1 gives the clean sample; SD's schedulers
+    (set_alpha_to_one=False) stop at abar_0 instead.
+    """
     C = x.shape[1]
-    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev, final_alpha_cumprod)
     x0, eps = predict_x0_eps(out[:, :C], x, abar_t, prediction_type)
     if clip_sample is not None:  # pixel-space models; epsilon is kept unclipped, as in diffusers
         x0 = x0.clamp(-clip_sample, clip_sample)
@@ -149,6 +160,22 @@ def ddim_step(alphas_cumprod, out, t, t_prev, x, noise=None, eta=0.0, prediction
     if sigma > 0 and noise is not None:
         x_prev = x_prev + sigma * noise
     return x_prev
+
+
+def euler_step(alphas_cumprod, out, t, t_prev, x, noise=None, prediction_type="epsilon"):
+    """Euler step of the probability-flow ODE dx/dsigma = eps (Karras et al. 2022, Algorithm 1 less Heun's term).
+
+    Its variable is x = x_t / sqrt(abar_t) = x_0 + sigma eps, at sigma = sqrt((1 - abar_t) / abar_t):
+    diffusers' EulerDiscreteScheduler keeps its samples in that space, and its scale_model_input
+    hands the model exactly our x_t. Deterministic DDIM is the same step (Song et al. 2021, eq. 14).
+    """
+    C = x.shape[1]
+    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)  # sigma = 0 after the last step
+    _, eps = predict_x0_eps(out[:, :C], x, abar_t, prediction_type)
+    sigma, sigma_prev = math.sqrt((1 - abar_t) / abar_t), math.sqrt((1 - abar_prev) / abar_prev)
+    x_sigma = x / math.sqrt(abar_t)  # into Karras et al.'s space: x_t * sqrt(1 + sigma^2)
+    x_sigma = x_sigma + (sigma_prev - sigma) * eps
+    return x_sigma * math.sqrt(abar_prev)  # and back: x / sqrt(1 + sigma_prev^2)
 
 
 # -----------------------------------------------------------------------------
@@ -174,3 +201,116 @@ def sample(denoise, x, alphas_cumprod, timesteps, step=ddpm_step, generator=None
 
 
 SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
+
+
+# -----------------------------------------------------------------------------
+# diffusers' scheduler configs: what an SD repo's scheduler/scheduler_config.json asks of the loop
+
+SCHEDULER_STEPS = {"DDIMScheduler": ddim_step, "EulerDiscreteScheduler": euler_step, "DDPMScheduler": ddpm_step}
+SCHEDULES = {"linear": linear_schedule, "scaled_linear": scaled_linear_schedule}
+# diffusers' defaults for the keys a config leaves out; Euler's spacing is the one default that differs
+SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                          trained_betas=None, prediction_type="epsilon", timestep_spacing="leading", steps_offset=0,
+                          clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True, variance_type="fixed_small")
+CLASS_DEFAULTS = {"EulerDiscreteScheduler": dict(timestep_spacing="linspace")}
+# options that would change the sampler, and the one value implemented here (SD and SDXL use these)
+SCHEDULER_FIXED = dict(thresholding=False, rescale_betas_zero_snr=False, use_karras_sigmas=False,
+                       use_exponential_sigmas=False, use_beta_sigmas=False, interpolation_type="linear",
+                       final_sigmas_type="zero", timestep_type="discrete")
+
+
+@dataclass
+class Scheduler:
+    """A diffusers scheduler config as the loop takes it:
+
+        s = scheduler_from_config("stabilityai/stable-diffusion-2-1")
+        x0 = sample(denoise, x, s.alphas_cumprod, s.timesteps(50), step=s.step, **s.step_kw)
+
+    It samples as diffusers runs the config at SD's and SDXL's "leading" spacing. At the others
+    diffusers differs: its DDIM and DDPM step to t - T // steps rather than to the next timestep
+    visited (the same under "trailing" only when the steps divide T), and its Euler visits unrounded
+    "linspace" timesteps and starts from sqrt(1 - abar_T) x_T rather than x_T.
+    """
+
+    alphas_cumprod: torch.Tensor  # (T,) float64, from the config's betas
+    step: callable  # the config class's step: ddim_step, euler_step or ddpm_step
+    step_kw: dict  # the step's options from the config: prediction_type, clip_sample, final_alpha_cumprod
+    timestep_spacing: str = "leading"  # "leading", "trailing" or "linspace" (Lin et al. 2023, Table 2)
+    steps_offset: int = 0  # added to "leading" timesteps: SD's 1 puts the last step at t = 1
+
+    def timesteps(self, num_steps):
+        """The descending timesteps of a num_steps run, as the scheduler's set_timesteps chooses them."""
+        return spaced_timesteps(num_steps, len(self.alphas_cumprod), self.timestep_spacing, self.steps_offset)
+
+
+def scheduler_from_config(config):
+    """The Scheduler of a diffusers scheduler config: a dict, or a pipeline folder or hub id holding one.
+
+    Another of the classes above samples with the same schedule as diffusers' `from_config` swap does:
+    scheduler_from_config({**read_scheduler_config(root), "_class_name": "EulerDiscreteScheduler"}).
+    """
+    if not isinstance(config, dict):
+        file = scheduler_config_file(config)
+        config = read_scheduler_config(file)
+        try:
+            return scheduler_from_config(config)
+        except ValueError as e:  # an option not implemented here: name the file
+            raise checkpoint.CheckpointError(f"{file}: {e}") from None
+    name = config.get("_class_name")
+    if name not in SCHEDULER_STEPS:
+        raise ValueError(f"_class_name {name!r}: no sampler here follows it (set it to one of "
+                         f"{', '.join(SCHEDULER_STEPS)})")
+    c = {**SCHEDULER_DEFAULTS, **CLASS_DEFAULTS.get(name, {}), **config}
+    for key, value in SCHEDULER_FIXED.items():
+        if c.get(key) not in (None, value):  # absent, or null as diffusers' own files sometimes say
+            raise ValueError(f"{key}={c[key]!r} is not supported (only {key}={value!r})")
+    if c["prediction_type"] not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {c['prediction_type']!r} is not supported ('epsilon' or 'v_prediction')")
+
+    if c["trained_betas"] is not None:
+        alphas_cumprod = torch.cumprod(1 - torch.tensor(c["trained_betas"], dtype=torch.float64), dim=0)
+    elif c["beta_schedule"] in SCHEDULES:
+        alphas_cumprod = SCHEDULES[c["beta_schedule"]](c["num_train_timesteps"], c["beta_start"], c["beta_end"])
+    else:
+        raise ValueError(f"beta_schedule {c['beta_schedule']!r} is not supported ({' or '.join(SCHEDULES)})")
+
+    step, kw = SCHEDULER_STEPS[name], dict(prediction_type=c["prediction_type"])
+    clip_sample = c["clip_sample_range"] if c["clip_sample"] else None
+    if step is ddim_step:
+        kw.update(clip_sample=clip_sample,
+                  final_alpha_cumprod=1.0 if c["set_alpha_to_one"] else alphas_cumprod[0].item())
+    elif step is ddpm_step:
+        if c["variance_type"] not in ("fixed_small", "learned_range"):
+            raise ValueError(f"variance_type {c['variance_type']!r} is not supported ('fixed_small' or "
+                             "'learned_range', which ddpm_step reads off the model's channels)")
+        kw.update(clip_sample=clip_sample)
+    return Scheduler(alphas_cumprod, step, kw, c["timestep_spacing"], c["steps_offset"])
+
+
+def scheduler_config_file(path_or_repo_id):
+    """scheduler/scheduler_config.json of a pipeline: a local folder in the hub layout, or a hub id."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.exists():
+        for file in (path, path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
+            if file.is_file():
+                return file
+        raise checkpoint.CheckpointError(f"{path}: no scheduler/scheduler_config.json (expected a pipeline folder "
+                                         "in the hub layout)")
+    if str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") != 1:
+        raise checkpoint.CheckpointError(f"{path_or_repo_id}: no such folder (and not a hub id 'owner/name')")
+    from huggingface_hub import hf_hub_download  # only needed for hub ids
+
+    try:
+        return Path(hf_hub_download(str(path_or_repo_id), "scheduler/scheduler_config.json"))
+    except Exception as e:  # network, auth, unknown repo: all one line for the user
+        raise checkpoint.CheckpointError(f"{path_or_repo_id}: could not download scheduler/scheduler_config.json "
+                                         f"from the hub ({type(e).__name__})") from e
+
+
+def read_scheduler_config(path_or_repo_id):
+    """A pipeline's scheduler config as a dict (see scheduler_config_file)."""
+    file = scheduler_config_file(path_or_repo_id)
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"{file}: not valid JSON ({e})") from None
