@@ -64,7 +64,7 @@ def dit_denoiser(model, labels, cfg_scale=None, student=None, w=None):
 
 @torch.no_grad()
 def sample_dit(model, labels, cfg_scale=None, steps=250, sampler="ddpm", generator=None, student=None, w=None,
-               clip_sample=None, progress=False):
+               prediction_type="epsilon", clip_sample=None, progress=False):
     """Clean latents (B, C, H, W) for class `labels` (B,): noise from `generator`, then `steps` of `sampler`."""
     cfg = model.config
     x = torch.randn((len(labels), cfg.in_channels, cfg.input_size, cfg.input_size), generator=generator,
@@ -72,7 +72,24 @@ def sample_dit(model, labels, cfg_scale=None, steps=250, sampler="ddpm", generat
     return guidance.sample(dit_denoiser(model, labels, cfg_scale, student, w), x, guidance.linear_schedule(),
                            guidance.spaced_timesteps(steps, spacing=SPACING[sampler]),
                            step=guidance.SAMPLERS[sampler], generator=generator, progress=progress,
-                           clip_sample=clip_sample)
+                           prediction_type=prediction_type, clip_sample=clip_sample)
+
+
+def prediction_options(weights):
+    """prediction_type and clip_sample from the scheduler config beside the weights, where there is one.
+
+    DiT-XL/2 predicts epsilon and is not clipped (the hub's config and the paper's sample_ddp.py); the
+    tiny teacher predicts v and clips x_0 to its pixel range (tiny.SCHEDULER_CONFIG). Hub ids and .pt
+    files have no local config: DiT's defaults.
+    """
+    path = Path(weights)
+    for file in (path / "scheduler" / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
+        if file.is_file():
+            config = guidance.read_scheduler_config(file)
+            clip = config.get("clip_sample", True)  # diffusers' default where a config leaves it out
+            return {"prediction_type": config.get("prediction_type", "epsilon"),
+                    "clip_sample": float(config.get("clip_sample_range", 1.0)) if clip else None}
+    return {"prediction_type": "epsilon", "clip_sample": None}
 
 
 @dataclass
@@ -82,7 +99,6 @@ class DiTChoice:
     latent: bool  # denoises the SD autoencoder's latents (decoded at the end), else pixels
     classes: list  # default --classes
     steps: dict  # sampler -> default --steps
-    clip_sample: float = None  # clamp the predicted x_0 to [-c, c] in every step (pixel models: their data range)
 
 
 # The autoencoder for a .pt checkpoint, which comes without one: the one DiT's FIDs (sample_ddp.py
@@ -95,7 +111,7 @@ MODELS = {
                      classes=[207, 360, 387, 974, 88, 979, 417, 279],  # the classes of DiT's sample.py
                      steps={"ddpm": 250, "ddim": 50}),
     "tiny": DiTChoice(weights={28: str(ROOT / "assets" / "tiny-dit-mnist")}, latent=False,
-                      classes=list(range(10)), steps={"ddpm": 25, "ddim": 25}, clip_sample=1.0),
+                      classes=list(range(10)), steps={"ddpm": 25, "ddim": 25}),
 }
 
 
@@ -135,7 +151,7 @@ def generate_dit(args, choice):
     generator = torch.Generator(args.device).manual_seed(args.seed)
     start = time.perf_counter()
     z = sample_dit(model, labels, args.cfg, args.steps, args.sampler, generator, student, args.w,
-                   clip_sample=choice.clip_sample, progress=True)  # (B, C, h, w)
+                   **prediction_options(weights), progress=True)  # (B, C, h, w)
     z = z.cpu()  # waits for the device to finish
     seconds = (time.perf_counter() - start) / args.steps
     with torch.no_grad():

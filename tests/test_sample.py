@@ -18,6 +18,7 @@ import adapters
 import checkpoint
 import dit
 import sample
+import tiny
 import vae
 
 pytest.importorskip("diffusers")
@@ -28,14 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-    """A random DiT of the tiny teacher's preset, in the layout tiny.py saves the teacher in."""
+    """A random DiT of the tiny teacher's preset, saved as tiny.py saves the teacher (with its scheduler config)."""
     root = tmp_path_factory.mktemp("tiny-dit-mnist")
     torch.manual_seed(0)
     model = dit.DiT(dit.DiT_models["tiny-mnist"]())
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    dit.save_pretrained(model, root / "transformer")
+    tiny.save_teacher(model, root)
     return root
 
 
@@ -59,13 +60,29 @@ def test_tiny_grid_holds_the_samples_in_order(tiny_teacher, tmp_path):
     assert grid.shape == (2 * 28, 4 * 28)  # 4 columns, single channel
     model = dit.from_pretrained(tiny_teacher)
     x = sample.sample_dit(model, torch.tensor([0, 1, 2, 3, 9]), 3.0, 4, "ddpm", torch.Generator().manual_seed(7),
-                          clip_sample=1.0)
+                          prediction_type="v_prediction", clip_sample=1.0)  # as the teacher's scheduler config says
     expected = ((x / 2 + 0.5).clamp(0, 1) * 255).round().byte()[:, 0].numpy()  # (B, 28, 28)
     for i, image in enumerate(expected):
         r, c = divmod(i, 4)
         assert np.array_equal(grid[28 * r:28 * (r + 1), 28 * c:28 * (c + 1)], image), i
     assert not grid[28:, 28:].any()  # past the last image: black
     assert 0 < expected.mean() < 255  # the images are not all black or white
+
+
+def test_prediction_options_come_from_the_scheduler_config(tiny_teacher, dit_pipeline, tmp_path):
+    v_clipped = {"prediction_type": "v_prediction", "clip_sample": 1.0}  # tiny.SCHEDULER_CONFIG
+    assert sample.prediction_options(tiny_teacher) == v_clipped
+    assert sample.prediction_options(tiny_teacher / "transformer") == v_clipped
+    dit_defaults = {"prediction_type": "epsilon", "clip_sample": None}
+    assert sample.prediction_options(dit_pipeline) == dit_defaults  # the hub's DDIM config: clip_sample false
+    assert sample.prediction_options("facebook/DiT-XL-2-256") == dit_defaults  # no local config: DiT's
+    assert sample.prediction_options(tmp_path / "DiT-XL-2-256x256.pt") == dit_defaults
+
+
+@pytest.mark.skipif(not (ROOT / "assets" / "tiny-dit-mnist").is_dir(), reason="tiny.py has not trained the teacher")
+def test_the_bundled_teacher_is_the_default(tmp_path):
+    run("--model", "tiny", "--classes", "4", "--steps", "2", "--out", str(tmp_path / "four.png"))
+    assert np.asarray(Image.open(tmp_path / "four.png")).shape == (28, 28)
 
 
 def test_output_names_the_file_and_the_time_per_step(tiny_teacher, tmp_path, capsys):
