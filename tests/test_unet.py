@@ -155,7 +155,7 @@ def test_text_time_inputs_required(saved):
 
 
 def test_attn2_hooks_see_what_diffusers_attn2_sees(saved):
-    """Forward hooks on every `*.attn2` (found by name) get the normed stream and add to the residual, as in diffusers."""
+    """Hooks on every `*.attn2` (found by name) get the normed stream and add to the residual, as in diffusers."""
     ref, repo = saved["sdxl-like"]
     ours = unet.from_pretrained(repo)
     names = [n for n, _ in ours.named_modules() if n.endswith(".attn2")]
