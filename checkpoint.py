@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' file stems
 
@@ -51,19 +50,30 @@ def resolve(path_or_repo_id, subfolder=None, variant=None):
 
 
 def _download(repo_id, subfolder, variant):
-    """Fetch config.json and the weights of a hub repo's subfolder, or of its root (a standalone VAE)."""
+    """Fetch config.json and the weights of a hub repo's subfolder, or of its root (a standalone VAE).
+
+    A variant ("fp16") is fetched instead of the plain weights, never beside them; the repo's
+    scheduler config comes along, since it says what the model predicts (epsilon or v).
+    """
     from huggingface_hub import snapshot_download  # only needed for hub ids
 
     prefixes = ([f"{subfolder}/"] if subfolder else []) + [""]
-    patterns = [p + name for p in prefixes for name in ["config.json", *_weight_candidates(variant)]]
-    try:
-        root = Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # network, auth, unknown repo: all one line for the user
-        raise CheckpointError(f"{repo_id}: could not download from the hub ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+    def fetch(names):
+        patterns = [p + n for p in prefixes for n in ["config.json", *names]] + ["scheduler/scheduler_config.json"]
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except Exception as e:  # network, auth, unknown repo: all one line for the user
+            raise CheckpointError(f"{repo_id}: could not download from the hub ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+    plain = _weight_candidates(None)
+    root = fetch([n for n in _weight_candidates(variant) if n not in plain] if variant else plain)
     folder = next((root / p for p in prefixes if (root / p / "config.json").is_file()), None)
     if folder is None:
         raise CheckpointError(f"{repo_id}: no {prefixes[0]}config.json in the hub repo")
+    if variant and not any((folder / n).is_file() for n in _weight_candidates(variant)):
+        root = fetch(plain)  # no such variant: the plain weights
     for name in _weight_candidates(variant):  # a sharded checkpoint: fetch the shards its index names
         index = folder / name
         if name.endswith(".index.json") and index.is_file():
@@ -109,10 +119,39 @@ def weight_files(folder, variant=None):
 # tensors
 
 
+# safetensors' header names for torch dtypes
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(file):
+    """(tensor entries, metadata, where the data starts) of a safetensors file, checked against its size."""
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+        metadata = header.pop("__metadata__", None) or {}
+        end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{file}: truncated ({size} bytes, its header needs {8 + n + end})")
+    return header, metadata, 8 + n
+
+
 def read_tensors(files_or_folder, dtype=None, device=None, variant=None):
     """All tensors of one or more safetensors files; floating ones cast to `dtype` one at a time.
 
-    Casting tensor by tensor means an fp32 file loads as bf16 without ever holding the fp32 copy.
+    Each tensor is read into its own buffer with a plain `readinto` and cast at once, so an fp32
+    file loads as bf16 holding little more than the bf16 weights: no fp32 copy, and no
+    memory-mapped file whose touched pages would all count as resident until it is closed.
     """
     if isinstance(files_or_folder, (str, Path)) and Path(files_or_folder).is_dir():
         files = weight_files(files_or_folder, variant)
@@ -122,29 +161,25 @@ def read_tensors(files_or_folder, dtype=None, device=None, variant=None):
         files = [Path(f) for f in files_or_folder]
     tensors = {}
     for file in files:
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing")
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    t = f.get_tensor(key)
-                    if dtype is not None and t.is_floating_point():
-                        t = t.to(dtype)
-                    tensors[key] = t.to(device) if device is not None else t
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+        header, _, start = _header(file)
+        with open(file, "rb") as f:
+            for key, info in header.items():
+                if info.get("dtype") not in _DTYPES:
+                    raise CheckpointError(f"{file}: key {key} has unsupported dtype {info.get('dtype')}")
+                begin, end = info["data_offsets"]
+                buffer = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(start + begin)
+                f.readinto(buffer.numpy())
+                t = buffer.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                tensors[key] = t.to(device) if device is not None else t
     return tensors
 
 
 def read_metadata(file):
     """The string metadata of a safetensors file's header."""
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return f.metadata() or {}
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
-    except SafetensorError as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    return _header(file)[1]
 
 
 def check_keys(expected, tensors, source):
