@@ -4,12 +4,21 @@
     python sample.py --model dit --adapters runs/dit/adapters.safetensors --w 4.0
     python sample.py --model dit --weights DiT-XL-2-512x512.pt --sampler ddim --steps 50
     python sample.py --model tiny --classes 0 1 2 3 --cfg 3.0                 # the bundled MNIST teacher
+    python sample.py --model sdxl --prompt "a red fox in the snow" --num-images 4 --cfg 7.5 --dtype bfloat16
+    python sample.py --model sd21 --weights my-sd21-finetune --adapters runs/sd21/adapters.safetensors --w 7.5
 
 DiT is sampled as its paper samples it (facebookresearch/DiT sample_ddp.py): 250 DDPM steps respaced
 as in improved DDPM, with the learned variance, and CFG against the null class (on every latent
 channel, where the paper's code guides three of four: see dit_denoiser); or with DDIM at diffusers'
-"leading" spacing, as diffusers' DiTPipeline runs the hub's scheduler config. Writes the images as
-one PNG grid and prints the seconds per sampler step.
+"leading" spacing, as diffusers' DiTPipeline runs the hub's scheduler config.
+
+Stable Diffusion 2.1 and XL are sampled as diffusers' StableDiffusion(XL)Pipeline samples them: the
+sampler, schedule and prediction of the repo's scheduler config (SD 2.1: DDIM, v; SDXL: Euler,
+epsilon), CFG against the negative prompt or the model's own null condition, at the image size the
+UNet was trained for unless --height and --width say otherwise. Adapters trained on a base model
+load as well onto a fine-tune of it (--weights): the base is never changed by training them.
+
+Writes the images as one PNG grid and prints the seconds per sampler step.
 """
 
 import argparse
@@ -25,6 +34,8 @@ import adapters
 import checkpoint
 import dit
 import guidance
+import text_encoders
+import unet
 import vae
 
 ROOT = Path(__file__).resolve().parent
@@ -36,30 +47,59 @@ class InputError(ValueError):
 
 
 # -----------------------------------------------------------------------------
+# denoisers: the model conditioned, guided, or with adapters
+
+
+def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None):
+    """The denoiser to sample with: adapters at w (one pass), CFG at cfg_scale against `null`, or the model at `cond`.
+
+    Samples stay float32 between steps; the model computes in its own dtype.
+    """
+    dtype = next(model.parameters()).dtype
+    if student is not None:  # AGD: one pass per step
+        return lambda x, t: student(x.to(dtype), t, w=w, **cond).float()
+
+    def net(x, t, **c):
+        return model(x.to(dtype), t, **c).float()
+
+    if cfg_scale is None or cfg_scale == 1:  # w = 1 is the conditional model: one pass, as the pipelines run it
+        return lambda x, t: net(x, t, **cond)
+    return guidance.guided(net, cfg_scale, cond, null)
+
+
+def load_student(model, file, weights):
+    """adapters.load, with adapters made for another kind of model refused in one line."""
+    try:
+        return adapters.load(model, file)
+    except checkpoint.CheckpointError:
+        raise  # already one line: the file and the key at fault
+    except ValueError as e:  # e.g. DiT's adapters (beside `attn`) on a UNet (attn1, attn2)
+        raise InputError(f"{file}: these adapters do not fit {weights} ({e})") from None
+
+
+def describe(sampler, steps, n, cfg_scale, student, w):
+    """What ran each step, for the line sample.py prints."""
+    passes = (f"adapters at w={w:g}, one pass" if student is not None else
+              f"CFG at w={cfg_scale:g}, conditional and null passes batched" if cfg_scale != 1 else
+              "no guidance, one pass")
+    return f"{sampler}, {steps} steps, {n} images, {passes}"
+
+
+# -----------------------------------------------------------------------------
 # DiT: class-conditional, on SD latents (DiT-XL/2) or on pixels (the tiny teacher)
 
 SPACING = {"ddpm": "iddpm", "ddim": "leading"}  # DiT's respacing (IDDPM); DiTPipeline's DDIMScheduler default
 
 
 def dit_denoiser(model, labels, cfg_scale=None, student=None, w=None):
-    """The denoiser to sample with: the conditional model, CFG against the null class, or adapters at w.
+    """The denoiser for class `labels`: the conditional model, CFG against the null class, or adapters at w.
 
-    Samples stay float32 between steps; the model computes in its own dtype. CFG guides all C epsilon
-    channels, as diffusers' DiTPipeline does; the paper's code guides only the first 3 of 4 "for exact
-    reproducibility reasons" (models.py, forward_with_cfg), and its variance comes from the conditional
-    pass either way.
+    CFG guides all C epsilon channels, as diffusers' DiTPipeline does; the paper's code guides only the
+    first 3 of 4 "for exact reproducibility reasons" (models.py, forward_with_cfg), and its variance
+    comes from the conditional pass either way.
     """
-    dtype = next(model.parameters()).dtype
-    if student is not None:  # AGD: one pass per step
-        return lambda x, t: student(x.to(dtype), t, w=w, y=labels).float()
-
-    def net(x, t, y):
-        return model(x.to(dtype), t, y=y).float()
-
-    if cfg_scale is None or cfg_scale == 1:  # w = 1 is the conditional model: one pass, as DiTPipeline runs it
-        return lambda x, t: net(x, t, labels)
     null = torch.full_like(labels, model.config.num_classes)  # the row that label dropout trained
-    return guidance.guided(net, cfg_scale, {"y": labels}, {"y": null})
+    return denoiser(model, {"y": labels}, {"y": null}, cfg_scale, student, w)
 
 
 @torch.no_grad()
@@ -99,20 +139,12 @@ class DiTChoice:
     latent: bool  # denoises the SD autoencoder's latents (decoded at the end), else pixels
     classes: list  # default --classes
     steps: dict  # sampler -> default --steps
+    cfg: float = 4.0  # default --cfg and --w (the paper's DiT-XL/2 samples)
 
 
 # The autoencoder for a .pt checkpoint, which comes without one: the one DiT's FIDs (sample_ddp.py
 # --vae ema) and the official AGD code decode with.
 ORIGINAL_VAE = "stabilityai/sd-vae-ft-ema"
-
-MODELS = {
-    # SD 2.1 and SDXL (--prompt) will sit beside these, with their own generate function.
-    "dit": DiTChoice(weights={256: "facebook/DiT-XL-2-256", 512: "facebook/DiT-XL-2-512"}, latent=True,
-                     classes=[207, 360, 387, 974, 88, 979, 417, 279],  # the classes of DiT's sample.py
-                     steps={"ddpm": 250, "ddim": 50}),
-    "tiny": DiTChoice(weights={28: str(ROOT / "assets" / "tiny-dit-mnist")}, latent=False,
-                      classes=list(range(10)), steps={"ddpm": 25, "ddim": 25}),
-}
 
 
 def load_dit(args, choice):
@@ -140,13 +172,15 @@ def load_dit(args, choice):
 
 def generate_dit(args, choice):
     """Images (B, C, H, W) in [0, 1], one per class of --classes; seconds per step; what ran each step."""
+    if args.adapters:
+        adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
     model, ae, weights = load_dit(args, choice)
     n = model.config.num_classes
     bad = [c for c in args.classes if not 0 <= c < n]
     if bad:
         raise InputError(f"class {bad[0]} is out of range: {weights} has classes 0-{n - 1} "
                          f"(and {n}, the null class that CFG uses)")
-    student = adapters.load(model, args.adapters) if args.adapters else None
+    student = load_student(model, args.adapters, weights) if args.adapters else None
     labels = torch.tensor(args.classes, device=args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     start = time.perf_counter()
@@ -156,9 +190,91 @@ def generate_dit(args, choice):
     seconds = (time.perf_counter() - start) / args.steps
     with torch.no_grad():
         images = ae.decode(z.to(args.device)).float().cpu() if ae is not None else z  # (B, C, H, W) about [-1, 1]
-    how = (f"adapters at w={args.w:g}, one pass" if student is not None else
-           f"CFG at w={args.cfg:g}, conditional and null passes batched" if args.cfg != 1 else "no guidance, one pass")
+    how = describe(args.sampler, args.steps, len(images), args.cfg, student, args.w)
     return (images / 2 + 0.5).clamp(0, 1), seconds, how
+
+
+# -----------------------------------------------------------------------------
+# Stable Diffusion 2.1 and XL: text-conditional, on SD latents, sampled as their scheduler config says
+
+
+@torch.no_grad()
+def sample_sd(model, prompt_encoder, scheduler, prompts, noise, height, width, steps=50, cfg_scale=None,
+              negative_prompt=None, student=None, w=None, generator=None, progress=False):
+    """Clean latents (B, C, h, w), in the autoencoder's scaled units, for `prompts` (B) from x_T = `noise`.
+
+    As diffusers' pipelines sample from `latents=noise`: `steps` of the `scheduler`'s sampler, with CFG at
+    `cfg_scale` against `negative_prompt` (default: the model's null condition), or with the adapters
+    `student` at `w` in one pass per step. height and width are the image's, in pixels: SDXL conditions
+    on them.
+    """
+    cond = prompt_encoder(prompts, height=height, width=width)
+    guided = student is None and cfg_scale is not None and cfg_scale != 1
+    null = prompt_encoder.null(len(prompts), height=height, width=width,
+                               negative_prompt=negative_prompt) if guided else None
+    return guidance.sample(denoiser(model, cond, null, cfg_scale, student, w), noise.float(),
+                           scheduler.alphas_cumprod, scheduler.timesteps(steps), step=scheduler.step,
+                           generator=generator, progress=progress, **scheduler.step_kw)
+
+
+@dataclass
+class SDChoice:
+    """What sampling one Stable Diffusion needs beyond its weights (which hold its size and sampler)."""
+    weights: str  # the official pipeline; --weights takes a fine-tune of it in the same layout
+    prompts: list  # default --prompt
+    steps: int = 50  # default --steps (the pipelines' num_inference_steps)
+    cfg: float = 7.5  # default --cfg and --w (the pipelines' guidance_scale)
+
+
+def generate_sd(args, choice):
+    """Images (B, 3, H, W) in [0, 1], --num-images per prompt, in order; seconds per step; what ran each step."""
+    if args.adapters:
+        adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
+    weights = args.weights or choice.weights
+    ae = vae.from_pretrained(args.vae or weights, dtype=args.dtype, device=args.device)
+    factor = ae.config.downsampling_factor
+    for flag, side in (("--height", args.height), ("--width", args.width)):  # checked before the large models load
+        if side is not None and side % factor:
+            raise InputError(f"{flag} {side}: not a multiple of {factor}, the autoencoder's downsampling factor")
+    model = unet.from_pretrained(weights, dtype=args.dtype, device=args.device)
+    native = model.config.sample_size  # the latent side it was trained at: 96 for SD 2.1, 128 for SDXL
+    if native is None and None in (args.height, args.width):
+        raise InputError(f"{weights}: its unet/config.json gives no sample_size; give --height and --width")
+    height, width = args.height or native * factor, args.width or native * factor
+    student = load_student(model, args.adapters, weights) if args.adapters else None
+    scheduler = guidance.scheduler_from_config(weights)
+    prompt_encoder = text_encoders.PromptEncoder.from_pretrained(weights, dtype=args.dtype, device=args.device)
+
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]  # as num_images_per_prompt orders them
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    noise = torch.randn((len(prompts), model.config.in_channels, height // factor, width // factor),
+                        generator=generator, device=args.device)  # (B, C, h, w): x_T
+    start = time.perf_counter()  # the prompts' encoding counts in: once, against `steps` UNet passes
+    z = sample_sd(model, prompt_encoder, scheduler, prompts, noise, height, width, args.steps, args.cfg,
+                  args.negative_prompt, student, args.w, generator, progress=True)  # (B, C, h, w)
+    z = z.cpu()  # waits for the device to finish
+    seconds = (time.perf_counter() - start) / args.steps
+    with torch.no_grad():  # one image at a time: a batch of 1024 px images is large to decode at once
+        images = ae.decode(z.to(args.device), batch_size=1).float().cpu()  # (B, 3, H, W) about [-1, 1]
+    sampler = scheduler.step.__name__.removesuffix("_step")
+    how = describe(sampler, args.steps, len(images), args.cfg, student, args.w)
+    return (images / 2 + 0.5).clamp(0, 1), seconds, how
+
+
+# -----------------------------------------------------------------------------
+# the models --model names
+
+MODELS = {
+    "dit": DiTChoice(weights={256: "facebook/DiT-XL-2-256", 512: "facebook/DiT-XL-2-512"}, latent=True,
+                     classes=[207, 360, 387, 974, 88, 979, 417, 279],  # the classes of DiT's sample.py
+                     steps={"ddpm": 250, "ddim": 50}),
+    "tiny": DiTChoice(weights={28: str(ROOT / "assets" / "tiny-dit-mnist")}, latent=False,
+                      classes=list(range(10)), steps={"ddpm": 25, "ddim": 25}),
+    "sd21": SDChoice(weights="stabilityai/stable-diffusion-2-1",  # 768 px, v-prediction, DDIM
+                     prompts=["a photo of an astronaut riding a horse on mars"]),  # its model card's
+    "sdxl": SDChoice(weights="stabilityai/stable-diffusion-xl-base-1.0",  # 1024 px, epsilon, Euler
+                     prompts=["An astronaut riding a green horse"]),  # its model card's
+}
 
 
 # -----------------------------------------------------------------------------
@@ -185,41 +301,77 @@ def save_grid(images, file, columns=COLUMNS):
 # -----------------------------------------------------------------------------
 # CLI
 
+DIT_OPTIONS = ("classes", "image_size", "sampler")  # what only --model dit and tiny take
+SD_OPTIONS = ("prompt", "negative_prompt", "num_images", "height", "width")  # and only sd21 and sdxl
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images with classifier-free guidance (two passes per step) "
                                 "or with AGD adapters (one pass per step); write a PNG grid.")
     p.add_argument("--model", choices=list(MODELS), default="dit",
-                   help="dit: DiT-XL/2 (ImageNet classes); tiny: the bundled MNIST teacher (digits 0-9)")
-    p.add_argument("--weights", help="hub id, folder in the hub's layout, or a facebookresearch/DiT .pt checkpoint "
-                   "(default: the official weights for --image-size)")
+                   help="dit: DiT-XL/2 (ImageNet classes); tiny: the bundled MNIST teacher (digits 0-9); "
+                   "sd21: Stable Diffusion 2.1 (768 px); sdxl: Stable Diffusion XL base 1.0 (1024 px)")
+    p.add_argument("--weights", help="hub id or folder in the hub's layout (a fine-tune of the model, too); DiT: "
+                   "also a facebookresearch/DiT .pt checkpoint (default: the official weights)")
     p.add_argument("--vae", help="autoencoder, hub id or folder (default: the weights' vae/, or "
                    f"{ORIGINAL_VAE} for a .pt)")
-    p.add_argument("--image-size", type=int, help="image side in px: picks the official weights (DiT: 256 or 512; "
-                   "default 256), or is checked against --weights")
-    p.add_argument("--classes", type=int, nargs="+", help="class ids, one image each (default: DiT's sample.py "
-                   "classes; tiny: 0-9)")
-    p.add_argument("--cfg", type=float, help="CFG scale w; 1 is no guidance (default 4.0)")
+    p.add_argument("--cfg", type=float, help="CFG scale w; 1 is no guidance (default: dit and tiny 4.0, "
+                   "sd21 and sdxl 7.5)")
     p.add_argument("--adapters", help="AGD adapters file: sample in one pass per step at scale --w, instead of CFG")
-    p.add_argument("--w", type=float, help="the guidance scale asked of the adapters (default 4.0)")
-    p.add_argument("--sampler", choices=list(guidance.SAMPLERS), default="ddpm",
-                   help="ddpm: learned variance, IDDPM respacing (the DiT paper); ddim: eta 0, leading spacing")
-    p.add_argument("--steps", type=int, help="sampler steps (default: dit 250 ddpm, 50 ddim; tiny 25)")
+    p.add_argument("--w", type=float, help="the guidance scale asked of the adapters (default: as --cfg)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: dit 250 ddpm, 50 ddim; tiny 25; "
+                   "sd21 and sdxl 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="of the model weights; samples stay float32 between steps")
+                   help="of the model weights (bfloat16 or float16 on a GPU); samples stay float32 between steps")
     p.add_argument("--out", default="samples.png", help="the PNG grid to write")
+    d = p.add_argument_group("DiT (--model dit, tiny)")
+    d.add_argument("--classes", type=int, nargs="+", help="class ids, one image each (default: DiT's sample.py "
+                   "classes; tiny: 0-9)")
+    d.add_argument("--image-size", type=int, help="image side in px: picks the official weights (DiT: 256 or 512; "
+                   "default 256), or is checked against --weights")
+    d.add_argument("--sampler", choices=list(guidance.SAMPLERS),
+                   help="ddpm (default): learned variance, IDDPM respacing (the DiT paper); ddim: eta 0, "
+                   "leading spacing")
+    s = p.add_argument_group("Stable Diffusion (--model sd21, sdxl); the sampler is the weights' scheduler config's")
+    s.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: the model card's)")
+    s.add_argument("--negative-prompt", help="what CFG guides away from (default: the empty prompt; SDXL: "
+                   "its null condition, zeros)")
+    s.add_argument("--num-images", type=int, help="images per prompt (default 1)")
+    s.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's, "
+                   "768 for SD 2.1, 1024 for SDXL)")
+    s.add_argument("--width", type=int, help="image width in px (default: as --height)")
     args = p.parse_args(argv)
+
     choice = MODELS[args.model]
+    sd = isinstance(choice, SDChoice)
+    wrong = [name for name in (DIT_OPTIONS if sd else SD_OPTIONS) if getattr(args, name) is not None]
+    if wrong:
+        p.error(f"--{wrong[0].replace('_', '-')} is not an option of --model {args.model}")
     if args.adapters is not None and args.cfg is not None:
         p.error("--cfg is the scale of CFG; with --adapters give the scale as --w")
     if args.adapters is None and args.w is not None:
         p.error("--w is the scale asked of --adapters; without them give the CFG scale as --cfg")
-    args.cfg = None if args.adapters else 4.0 if args.cfg is None else args.cfg
-    args.w = (4.0 if args.w is None else args.w) if args.adapters else None
-    args.classes = args.classes or choice.classes
-    args.steps = choice.steps[args.sampler] if args.steps is None else args.steps
+    if args.adapters is not None and args.negative_prompt is not None:
+        p.error("--negative-prompt is what CFG guides away from; adapters learned CFG against the null "
+                "condition, and take none")
+    args.cfg = None if args.adapters else choice.cfg if args.cfg is None else args.cfg
+    args.w = (choice.cfg if args.w is None else args.w) if args.adapters else None
+    if sd:
+        args.prompt = args.prompt or choice.prompts
+        args.num_images = 1 if args.num_images is None else args.num_images
+        if args.num_images < 1:
+            p.error(f"--num-images must be at least 1, got {args.num_images}")
+        for flag, side in (("--height", args.height), ("--width", args.width)):
+            if side is not None and side < 1:
+                p.error(f"{flag} must be positive, got {side}")
+        default_steps = choice.steps
+    else:
+        args.sampler = args.sampler or "ddpm"
+        args.classes = args.classes or choice.classes
+        default_steps = choice.steps[args.sampler]
+    args.steps = default_steps if args.steps is None else args.steps
     if not 1 <= args.steps <= 1000:
         p.error(f"--steps must be in [1, 1000] (the training timesteps), got {args.steps}")
     try:
@@ -233,9 +385,11 @@ def parse_args(argv=None):
 
 
 def main(args):
-    images, seconds, how = generate_dit(args, MODELS[args.model])
+    choice = MODELS[args.model]
+    generate = generate_sd if isinstance(choice, SDChoice) else generate_dit
+    images, seconds, how = generate(args, choice)
     save_grid(images, args.out)
-    print(f"{seconds:.3f} s/step ({args.sampler}, {args.steps} steps, {len(images)} images, {how}) -> {args.out}")
+    print(f"{seconds:.3f} s/step ({how}) -> {args.out}")
 
 
 if __name__ == "__main__":
