@@ -1,0 +1,111 @@
+"""One AGD step against one CFG step on full-size DiT-XL/2, SD 2.1 and SDXL (random weights, CPU).
+
+    python bench/bench_agd.py --models dit sd21 sdxl --runs 5
+
+A CFG step runs the base on the conditional and the null batch (one call of batch 2B); an AGD
+step runs the student once at batch B, its adapters at the paper's placements and widths (DiT:
+every block's self-attention, 256 wide; SD: every transformer block's attn2, 320 wide). The base
+alone at batch B is timed too, so that the adapters' own cost is the AGD step's excess over it.
+Runs of the three take turns, the order rotating, so that a busy moment on a shared machine
+weighs on all; reported are medians, best runs, AGD / CFG and (AGD - base) / base.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import adapters  # noqa: E402
+import dit  # noqa: E402
+import guidance  # noqa: E402
+import unet  # noqa: E402
+
+ADAPTER_WIDTH = {"dit": 256, "sd21": 320, "sdxl": 320}  # the official adapters' hidden_dim
+
+
+def build(name, resolution, batch):
+    """(random full-size model, latents of batch B, cond, null) at `resolution` pixels (None: native)."""
+    torch.manual_seed(0)
+    if name == "dit":
+        cfg = dit.DiT_models["DiT-XL/2"]()
+        cfg.input_size = (resolution or 256) // 8
+        model = dit.DiT(cfg).eval()
+        with torch.no_grad():  # off the zero-inits, or every output would be zero
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        S = cfg.input_size
+        cond = {"y": torch.randint(0, 1000, (batch,))}
+        null = {"y": torch.full((batch,), 1000)}
+        return model, torch.randn(batch, 4, S, S), cond, null
+    cfg = unet.PRESETS["sd2.1" if name == "sd21" else "sdxl"]()
+    model = unet.UNet(cfg).eval()  # PyTorch's default initialization: random, not zero
+    S = (resolution or 8 * cfg.sample_size) // 8
+    cond = {"context": torch.randn(batch, 77, cfg.cross_attention_dim)}
+    if name == "sdxl":
+        size = torch.tensor([[8 * S, 8 * S, 0, 0, 8 * S, 8 * S]], dtype=torch.float32).repeat(batch, 1)
+        cond.update(text_embeds=torch.randn(batch, 1280), time_ids=size)
+    null = {k: torch.zeros_like(v) if k != "time_ids" else v for k, v in cond.items()}
+    return model, torch.randn(batch, 4, S, S), cond, null
+
+
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def bench(name, args):
+    model, x, cond, null = build(name, args.resolution.get(name), args.batch)
+    student = adapters.attach(model, hidden_dim=ADAPTER_WIDTH[name])
+    for a in student.adapters:  # trained adapters are not zero; the cost is the same either way
+        torch.nn.init.normal_(a.out_proj.weight, std=0.02)
+    t, w = torch.full((args.batch,), 500), 5.0
+    run = {"cfg": lambda: guidance.guided(model, w, cond, null)(x, t),
+           "agd": lambda: student(x, t, w=w, **cond),
+           "base": lambda: model(x, t, **cond)}
+    for fn in run.values():
+        fn()  # warm-up
+    times = {k: [] for k in run}
+    order = list(run)
+    for r in tqdm(range(args.runs), desc=name, leave=False):
+        for k in order[r % 3:] + order[:r % 3]:
+            times[k].append(seconds(run[k]))
+    n_adapter, n_base = student.num_parameters()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    side = x.shape[-1] * 8
+    print(f"{name} {side} px, batch {args.batch}: {n_base / 1e6:.0f} M parameters, adapters "
+          f"{n_adapter / 1e6:.1f} M ({100 * n_adapter / n_base:.1f} %) on {len(student.targets)} "
+          f"{student.config.target} modules; {args.runs} runs")
+    print(f"  median s/step: CFG {med['cfg']:.3f}, AGD {med['agd']:.3f}, base {med['base']:.3f}; "
+          f"AGD / CFG {med['agd'] / med['cfg']:.3f} (best runs {min(times['agd']) / min(times['cfg']):.3f}); "
+          f"adapters' own cost {100 * (med['agd'] - med['base']) / med['base']:.1f} % of a forward pass "
+          f"(best runs {100 * (min(times['agd']) - min(times['base'])) / min(times['base']):.1f} %)")
+    for k, v in times.items():
+        print(f"    {k:<5}" + " ".join(f"{s:.3f}" for s in v))
+
+
+def main(args):
+    print(f"CPU, {torch.get_num_threads()} threads, fp32, torch {torch.__version__}")
+    for name in args.models:
+        bench(name, args)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(ADAPTER_WIDTH), default=list(ADAPTER_WIDTH))
+    parser.add_argument("--batch", type=int, default=1, help="B: images per step")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each of CFG, AGD, base")
+    parser.add_argument("--resolution", nargs="*", default=[], metavar="MODEL=PX",
+                        help="images' side in pixels per model, e.g. sdxl=512 (default: each model's native one)")
+    args = parser.parse_args()
+    try:
+        args.resolution = {k: int(v) for k, v in (item.split("=") for item in args.resolution)}
+    except ValueError:
+        parser.error("--resolution takes MODEL=PIXELS, e.g. sdxl=512")
+    main(args)
