@@ -100,7 +100,7 @@ def setup_dit(model, args, scheduler):
         timesteps=guidance.spaced_timesteps(args.steps, spacing="iddpm"),  # DiT's respaced DDPM
         step=guidance.ddpm_step, step_kw=step_kw,
         # the paper's placement: every block's self-attention (Student picks `attn` in a DiT)
-        adapter_options=dict(hidden_dim=args.hidden_dim, use_timestep=args.use_timestep,
+        adapter_options=dict(hidden_dim=args.hidden_dim, num_heads=args.num_heads, use_timestep=args.use_timestep,
                              num_classes=cfg.num_classes + 1 if args.use_class else 0, mlp_ratio=args.mlp_ratio))
 
 
@@ -133,14 +133,16 @@ def setup_sd(weights, args):
         alphas_cumprod=scheduler.alphas_cumprod, timesteps=scheduler.timesteps(args.steps),
         step=scheduler.step, step_kw=scheduler.step_kw,
         # the paper's placement: every transformer block's cross-attention attn2, down, mid and up
-        adapter_options=dict(hidden_dim=args.hidden_dim, use_timestep=args.use_timestep, mlp_ratio=args.mlp_ratio,
-                             prompt_dim=cfg.cross_attention_dim if args.use_prompt else 0))
+        adapter_options=dict(hidden_dim=args.hidden_dim, num_heads=args.num_heads, use_timestep=args.use_timestep,
+                             mlp_ratio=args.mlp_ratio, prompt_dim=cfg.cross_attention_dim if args.use_prompt else 0))
 
 
 MODELS = {
     # name: (default weights, defaults that differ from the paper's / the CLI's)
-    "tiny": ("assets/tiny-dit-mnist", dict(trajectories=500, steps=25, train_steps=600, batch_size=64, lr=1e-3,
-                                           hidden_dim=32, mlp_ratio=2.0, w_min=1.0, w_max=6.0)),
+    # tiny: a short run with a high learning rate; the adapters also see t and the class (4 % of the base)
+    "tiny": ("assets/tiny-dit-mnist", dict(trajectories=500, steps=25, train_steps=1000, batch_size=64, lr=5e-3,
+                                           hidden_dim=32, num_heads=4, mlp_ratio=2.0, use_timestep=True,
+                                           use_class=True, w_min=1.0, w_max=6.0)),
     "dit": ("facebook/DiT-XL-2-256", dict(trajectories=4000, steps=250, keep_steps=50, train_steps=20000,
                                           batch_size=32, lr=1e-4, hidden_dim=256, mlp_ratio=4.0, w_min=1.0,
                                           w_max=6.0)),
@@ -546,8 +548,11 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, help="peak learning rate (paper: 1e-4)")
     g.add_argument("--hidden-dim", type=int, help="adapter width (official: DiT 256, SD 320)")
     g.add_argument("--mlp-ratio", type=float, help="of the adapters' scalar embedders")
-    g.add_argument("--use-timestep", action="store_true", help="condition the adapters on t too")
-    g.add_argument("--use-class", action="store_true", help="DiT: condition the adapters on the class too")
+    g.add_argument("--num-heads", type=int, help="of the adapters' cross-attention")
+    g.add_argument("--use-timestep", action=argparse.BooleanOptionalAction, default=None,
+                   help="condition the adapters on t too")
+    g.add_argument("--use-class", action=argparse.BooleanOptionalAction, default=None,
+                   help="DiT: condition the adapters on the class too")
     g.add_argument("--use-prompt", action="store_true", help="SD: condition the adapters on the prompt tokens too")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="SD: recompute the UNet's blocks in backward (default: on for sd21 and sdxl)")
@@ -560,6 +565,9 @@ def parse_args(argv=None):
     g.add_argument("--no-eval", action="store_true")
     args = p.parse_args(argv)
     for k, v in MODELS[args.model][1].items():  # the model's defaults where not given
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k, v in dict(num_heads=1, use_timestep=False, use_class=False).items():  # the official adapters'
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out = Path(args.out or f"runs/{args.model}")
