@@ -54,6 +54,9 @@ class AdapterConfig:
     num_classes: int = 0  # > 0: also condition on the class label `y` (DiT; includes the null class)
     prompt_dim: int = 0  # > 0: also condition on the prompt tokens `context` of this width (SD)
     target: str = ""  # name of the attention modules to attach to; "" picks attn2 if present, else attn
+    zero_at_w1: bool = False  # ours, not the official code's: scale the adapters' output by (w - 1), so that
+    #                           at w = 1 the student is the conditional model exactly, as CFG is, and small
+    #                           w, whose corrections are too small for the MSE to notice, follow linearly
     num_train_timesteps: int = 1000
 
 
@@ -212,7 +215,10 @@ class Student(nn.Module):
                 raise RuntimeError(f"adapters hold the condition of a batch of {self._condition['w'].shape[0]} "
                                    f"but the model runs a batch of {x.shape[0]}: call the model through the "
                                    "student, or call student.release() after training")
-            return output + adapter(x.to(adapter.out_proj.weight.dtype), **self._condition).to(output.dtype)
+            delta = adapter(x.to(adapter.out_proj.weight.dtype), **self._condition)  # (B, T, D) or (B, 1, D)
+            if self.config.zero_at_w1:
+                delta = delta * (self._condition["w"] - 1).view(-1, 1, 1)
+            return output + delta.to(output.dtype)
 
         return add_adapter_output
 

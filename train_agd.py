@@ -101,7 +101,8 @@ def setup_dit(model, args, scheduler):
         step=guidance.ddpm_step, step_kw=step_kw,
         # the paper's placement: every block's self-attention (Student picks `attn` in a DiT)
         adapter_options=dict(hidden_dim=args.hidden_dim, num_heads=args.num_heads, use_timestep=args.use_timestep,
-                             num_classes=cfg.num_classes + 1 if args.use_class else 0, mlp_ratio=args.mlp_ratio))
+                             num_classes=cfg.num_classes + 1 if args.use_class else 0, mlp_ratio=args.mlp_ratio,
+                             zero_at_w1=args.zero_at_w1))
 
 
 def read_prompts(file):
@@ -134,15 +135,16 @@ def setup_sd(weights, args):
         step=scheduler.step, step_kw=scheduler.step_kw,
         # the paper's placement: every transformer block's cross-attention attn2, down, mid and up
         adapter_options=dict(hidden_dim=args.hidden_dim, num_heads=args.num_heads, use_timestep=args.use_timestep,
-                             mlp_ratio=args.mlp_ratio, prompt_dim=cfg.cross_attention_dim if args.use_prompt else 0))
+                             mlp_ratio=args.mlp_ratio, zero_at_w1=args.zero_at_w1, prompt_dim=cfg.cross_attention_dim if args.use_prompt else 0))
 
 
 MODELS = {
     # name: (default weights, defaults that differ from the paper's / the CLI's)
-    # tiny: a short run with a high learning rate; the adapters also see t and the class (4 % of the base)
+    # tiny: a short run with a high learning rate; the adapters also see t and the class, and scale
+    # their output by (w - 1) (6 % of the base)
     "tiny": ("assets/tiny-dit-mnist", dict(trajectories=500, steps=25, train_steps=1000, batch_size=64, lr=5e-3,
                                            hidden_dim=32, num_heads=4, mlp_ratio=2.0, use_timestep=True,
-                                           use_class=True, w_min=1.0, w_max=6.0)),
+                                           use_class=True, zero_at_w1=True, w_min=1.0, w_max=6.0)),
     "dit": ("facebook/DiT-XL-2-256", dict(trajectories=4000, steps=250, keep_steps=50, train_steps=20000,
                                           batch_size=32, lr=1e-4, hidden_dim=256, mlp_ratio=4.0, w_min=1.0,
                                           w_max=6.0)),
@@ -515,8 +517,7 @@ def print_table(results):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Distill classifier-free guidance into adapters (AGD): collect CFG trajectories of the "
-                    "frozen base model, train guidance-conditioned adapters on them, evaluate (tiny world).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "frozen base model, train guidance-conditioned adapters on them, evaluate (tiny world).")
     p.add_argument("--model", choices=list(MODELS), default="tiny",
                    help="tiny: the bundled MNIST DiT teacher (CPU, minutes); dit: DiT-XL/2; sd21: Stable "
                         "Diffusion 2.1 (768 px, v); sdxl: SDXL base 1.0")
@@ -549,6 +550,8 @@ def parse_args(argv=None):
     g.add_argument("--hidden-dim", type=int, help="adapter width (official: DiT 256, SD 320)")
     g.add_argument("--mlp-ratio", type=float, help="of the adapters' scalar embedders")
     g.add_argument("--num-heads", type=int, help="of the adapters' cross-attention")
+    g.add_argument("--zero-at-w1", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale the adapters' output by (w - 1): exactly the conditional model at w = 1")
     g.add_argument("--use-timestep", action=argparse.BooleanOptionalAction, default=None,
                    help="condition the adapters on t too")
     g.add_argument("--use-class", action=argparse.BooleanOptionalAction, default=None,
@@ -567,7 +570,7 @@ def parse_args(argv=None):
     for k, v in MODELS[args.model][1].items():  # the model's defaults where not given
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for k, v in dict(num_heads=1, use_timestep=False, use_class=False).items():  # the official adapters'
+    for k, v in dict(num_heads=1, use_timestep=False, use_class=False, zero_at_w1=False).items():  # the official adapters'
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out = Path(args.out or f"runs/{args.model}")

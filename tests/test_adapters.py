@@ -137,3 +137,14 @@ def test_placement_is_every_attention_block():
     student = adapters.attach(model, hidden_dim=16)
     assert student.targets == ["blocks.0.attn", "blocks.1.attn"]
     assert student.config.target == "attn"
+
+
+def test_zero_at_w1_gives_the_conditional_model_at_w1():
+    model = tiny_dit()
+    x, t, y = inputs()
+    with torch.no_grad():
+        base = model(x, t, y=y)
+        student = adapters.attach(model, hidden_dim=16, zero_at_w1=True)
+        randomize(student)
+        assert torch.equal(student(x, t, w=1.0, y=y), base)  # (w - 1) = 0: no correction at all
+        assert not torch.allclose(student(x, t, w=2.0, y=y), base)
