@@ -107,12 +107,13 @@ def _abar(alphas_cumprod, t, final=1.0):
 
 def predict_x0_eps(prediction, x, abar_t, prediction_type):
     """(x_0, epsilon) from the model's prediction: epsilon (DDPM) or v (Salimans & Ho 2022)."""
+    a, s = abar_t**0.5, (1 - abar_t) ** 0.5  # abar_t: a number, or a tensor broadcasting against x
     if prediction_type == "epsilon":
         eps = prediction
-        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+        x0 = (x - s * eps) / a
     elif prediction_type == "v_prediction":
-        x0 = math.sqrt(abar_t) * x - math.sqrt(1 - abar_t) * prediction
-        eps = math.sqrt(abar_t) * prediction + math.sqrt(1 - abar_t) * x
+        x0 = a * x - s * prediction
+        eps = a * prediction + s * x
     else:
         raise ValueError(f"unknown prediction type {prediction_type!r}")
     return x0, eps
@@ -305,6 +306,24 @@ def scheduler_config_file(path_or_repo_id):
     except Exception as e:  # network, auth, unknown repo: all one line for the user
         raise checkpoint.CheckpointError(f"{path_or_repo_id}: could not download scheduler/scheduler_config.json "
                                          f"from the hub ({type(e).__name__})") from e
+
+
+def step_options_beside(weights):
+    """prediction_type and clip_sample from the scheduler config beside a model's weights, if any.
+
+    Looks in `weights`/scheduler/ and in its parent's (weights may name the transformer/ subfolder).
+    DiT-XL/2 predicts epsilon unclipped (the hub's config, the paper's sample_ddp.py); the tiny teacher
+    predicts v and clips x_0 to its pixel range. Hub ids and .pt files have no local config: DiT's.
+    Collection (train_agd.py) and sampling (sample.py) both read it here, so they run one sampler.
+    """
+    path = Path(weights)
+    for file in (path / "scheduler" / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
+        if file.is_file():
+            config = read_scheduler_config(file)
+            clip = config.get("clip_sample", True)  # diffusers' default where a config leaves it out
+            return {"prediction_type": config.get("prediction_type", "epsilon"),
+                    "clip_sample": float(config.get("clip_sample_range", 1.0)) if clip else None}
+    return {"prediction_type": "epsilon", "clip_sample": None}
 
 
 def read_scheduler_config(path_or_repo_id):

@@ -115,23 +115,6 @@ def sample_dit(model, labels, cfg_scale=None, steps=250, sampler="ddpm", generat
                            prediction_type=prediction_type, clip_sample=clip_sample)
 
 
-def prediction_options(weights):
-    """prediction_type and clip_sample from the scheduler config beside the weights, where there is one.
-
-    DiT-XL/2 predicts epsilon and is not clipped (the hub's config and the paper's sample_ddp.py); the
-    tiny teacher predicts v and clips x_0 to its pixel range (tiny.SCHEDULER_CONFIG). Hub ids and .pt
-    files have no local config: DiT's defaults.
-    """
-    path = Path(weights)
-    for file in (path / "scheduler" / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
-        if file.is_file():
-            config = guidance.read_scheduler_config(file)
-            clip = config.get("clip_sample", True)  # diffusers' default where a config leaves it out
-            return {"prediction_type": config.get("prediction_type", "epsilon"),
-                    "clip_sample": float(config.get("clip_sample_range", 1.0)) if clip else None}
-    return {"prediction_type": "epsilon", "clip_sample": None}
-
-
 @dataclass
 class DiTChoice:
     """What sampling one kind of DiT needs beyond its weights."""
@@ -185,7 +168,7 @@ def generate_dit(args, choice):
     generator = torch.Generator(args.device).manual_seed(args.seed)
     start = time.perf_counter()
     z = sample_dit(model, labels, args.cfg, args.steps, args.sampler, generator, student, args.w,
-                   **prediction_options(weights), progress=True)  # (B, C, h, w)
+                   **guidance.step_options_beside(weights), progress=True)  # (B, C, h, w)
     z = z.cpu()  # waits for the device to finish
     seconds = (time.perf_counter() - start) / args.steps
     with torch.no_grad():

@@ -209,12 +209,8 @@ def teacher_loss(model, x0, y, t, noise, alphas_cumprod, prediction_type="v_pred
     x_t = abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
     out = model(x_t, t, y)
     pred, v = out[:, :C], out[:, C:]
-    if prediction_type == "v_prediction":
-        target = abar_t.sqrt() * noise - (1 - abar_t).sqrt() * x0
-        x0_pred = abar_t.sqrt() * x_t - (1 - abar_t).sqrt() * pred.detach()
-    else:
-        target = noise
-        x0_pred = (x_t - (1 - abar_t).sqrt() * pred.detach()) / abar_t.sqrt()
+    target = abar_t.sqrt() * noise - (1 - abar_t).sqrt() * x0 if prediction_type == "v_prediction" else noise
+    x0_pred, _ = guidance.predict_x0_eps(pred.detach(), x_t, abar_t, prediction_type)
     mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
 
     # True posterior q(x_{t-1} | x_t, x_0); its variance at t = 0 is clipped to t = 1's, as in IDDPM.

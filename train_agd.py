@@ -79,20 +79,8 @@ def class_null(null_class, device):
     return lambda n: {"y": torch.full((n,), null_class, dtype=torch.long, device=device)}
 
 
-def scheduler_config(weights):
-    """The base's scheduler/scheduler_config.json where a local folder has one (its prediction type)."""
-    path = Path(weights)
-    for file in (path / "scheduler" / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
-        if file.is_file():
-            return json.loads(file.read_text())
-    return {}
-
-
-def setup_dit(model, args, scheduler):
+def setup_dit(model, args, step_kw):
     cfg = model.config
-    step_kw = {"prediction_type": scheduler.get("prediction_type", "epsilon")}
-    if scheduler.get("clip_sample", False):  # pixel-space models (the tiny teacher) clip x_0 to [-1, 1]
-        step_kw["clip_sample"] = float(scheduler.get("clip_sample_range", 1.0))
     return Setup(
         model=model, shape=(cfg.in_channels, cfg.input_size, cfg.input_size), out_channels=cfg.out_channels,
         condition=class_condition(cfg.num_classes, args.device), null=class_null(cfg.num_classes, args.device),
@@ -168,7 +156,7 @@ def load_setup(args):
     if args.model in ("sd21", "sdxl"):
         return setup_sd(weights, args)
     model = dit.from_pretrained(weights, device=args.device, dtype=args.dtype)
-    return setup_dit(model, args, scheduler_config(weights))
+    return setup_dit(model, args, guidance.step_options_beside(weights))  # as sample.py samples
 
 
 def args_device(s):

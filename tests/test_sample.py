@@ -17,6 +17,7 @@ from PIL import Image
 import adapters
 import checkpoint
 import dit
+import guidance
 import sample
 import tiny
 import vae
@@ -71,12 +72,12 @@ def test_tiny_grid_holds_the_samples_in_order(tiny_teacher, tmp_path):
 
 def test_prediction_options_come_from_the_scheduler_config(tiny_teacher, dit_pipeline, tmp_path):
     v_clipped = {"prediction_type": "v_prediction", "clip_sample": 1.0}  # tiny.SCHEDULER_CONFIG
-    assert sample.prediction_options(tiny_teacher) == v_clipped
-    assert sample.prediction_options(tiny_teacher / "transformer") == v_clipped
+    assert guidance.step_options_beside(tiny_teacher) == v_clipped
+    assert guidance.step_options_beside(tiny_teacher / "transformer") == v_clipped
     dit_defaults = {"prediction_type": "epsilon", "clip_sample": None}
-    assert sample.prediction_options(dit_pipeline) == dit_defaults  # the hub's DDIM config: clip_sample false
-    assert sample.prediction_options("facebook/DiT-XL-2-256") == dit_defaults  # no local config: DiT's
-    assert sample.prediction_options(tmp_path / "DiT-XL-2-256x256.pt") == dit_defaults
+    assert guidance.step_options_beside(dit_pipeline) == dit_defaults  # the hub's DDIM config: clip_sample false
+    assert guidance.step_options_beside("facebook/DiT-XL-2-256") == dit_defaults  # no local config: DiT's
+    assert guidance.step_options_beside(tmp_path / "DiT-XL-2-256x256.pt") == dit_defaults
 
 
 @pytest.mark.skipif(not (ROOT / "assets" / "tiny-dit-mnist").is_dir(), reason="tiny.py has not trained the teacher")
