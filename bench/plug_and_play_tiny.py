@@ -1,0 +1,93 @@
+"""Plug and play in the tiny world: adapters trained on the tiny teacher, used on a fine-tune of it.
+
+    python train_agd.py                     # adapters of the bundled teacher -> runs/tiny/adapters.safetensors
+    python bench/plug_and_play_tiny.py      # fine-tunes the teacher on thick digits first if runs/tiny-thick is missing
+
+Adapters are trained on a base model and, like a LoRA, are meant to load onto fine-tuned checkpoints
+of it (Jensen & Sadat 2025; DESIGN.md, "Adapters"). Here the tiny teacher is fine-tuned briefly on
+thickened digits (`python tiny.py finetune --style thick`), the adapters trained on the original are
+attached to it unchanged, and AGD is compared with the fine-tune's own CFG from the same noise
+(train_agd.evaluate): digit FID against the thickened real digits, and class accuracy. The original
+teacher with the same adapters is measured too, for reference, its FID against the plain digits.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import adapters  # noqa: E402
+import checkpoint  # noqa: E402
+import tiny  # noqa: E402
+import train_agd  # noqa: E402
+
+STYLE = "thick"  # the fine-tune's style, and so its FID's reference set
+
+
+def measure(weights, adapters_file, reference, args):
+    """train_agd.evaluate on `weights` with the adapters attached: base, CFG and AGD at each w, same noise."""
+    eval_args = train_agd.parse_args(["--weights", str(weights), "--eval-w", *map(str, args.eval_w),
+                                      "--eval-samples", str(args.eval_samples)])  # the tiny defaults otherwise
+    s = train_agd.load_setup(eval_args)
+    student = adapters.load(s.model, adapters_file).eval()
+    results, _ = train_agd.evaluate(s, student, eval_args, reference)
+    return results
+
+
+def print_table(rows):
+    print(f"{'model':<10} {'w':>4} {'method':<6} {'FID':>8} {'accuracy':>9} {'ms/image':>9}")
+    for r in rows:
+        print(f"{r['model']:<10} {r['w']:>4.1f} {r['method']:<6} {r['fid']:>8.2f} {r['accuracy']:>9.3f} "
+              f"{1000 * r['sec_per_image']:>9.1f}")
+
+
+def main(args):
+    start = time.time()
+    adapters_file, folder = Path(args.adapters), Path(args.finetuned)
+    out = Path(args.out or folder / "plug_and_play.json")
+    if not adapters_file.is_file():
+        raise FileNotFoundError(f"{adapters_file}: no such adapters file (train them with `python train_agd.py`)")
+    finetune_minutes = None
+    if not (folder / "transformer").is_dir():  # tiny.py writes the weights only when the fine-tune is done
+        tiny.main(tiny.parse_args(["finetune", "--style", STYLE, "--steps", str(args.finetune_steps),
+                                   "--out", str(folder)]))
+        finetune_minutes = (time.time() - start) / 60
+    classifier = tiny.load_classifier()
+    digits, _ = tiny.load_digits()
+    styled = tiny.reference_statistics(classifier, tiny.STYLES[STYLE](digits))
+    rows = [{"model": "fine-tuned", **r} for r in measure(folder, adapters_file, styled, args)]
+    rows += [{"model": "original", **r} for r in measure(tiny.TEACHER, adapters_file, None, args)]
+    made_by = folder / "README.md"
+    report = {"adapters": str(adapters_file), "finetuned": str(folder), "style": STYLE,
+              "finetuned_made_by": made_by.read_text().strip() if made_by.is_file() else None,
+              "finetune_minutes": finetune_minutes, "eval_w": args.eval_w, "eval_samples": args.eval_samples,
+              "reference": {"fine-tuned": f"the 5,000 real digits, tiny.{tiny.STYLES[STYLE].__name__}",
+                            "original": "the 5,000 real digits"},
+              "results": rows, "minutes": (time.time() - start) / 60}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(rows)
+    print(f"-> {out} ({report['minutes']:.1f} min)")
+    return report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--adapters", default="runs/tiny/adapters.safetensors",
+                   help="adapters trained on the original teacher (`python train_agd.py`)")
+    p.add_argument("--finetuned", default=f"runs/tiny-{STYLE}",
+                   help=f"the fine-tuned teacher; if missing, the bundled one is fine-tuned on {STYLE} digits into it")
+    p.add_argument("--finetune-steps", type=int, default=500, help="steps of that fine-tune")
+    p.add_argument("--eval-w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
+    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--out", default=None, help="json file (default: <finetuned>/plug_and_play.json)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
