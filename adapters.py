@@ -18,7 +18,14 @@ conditional base model exactly. Two architectures, as in the official code:
 - "additive": the condition embeddings are summed and mapped by an MLP to one vector per sample,
   added to every token.
 
-The model file knows nothing of this: adapters are forward hooks on the attention modules. The
+Ours, not the paper's: `modulation=True` also puts an additive adapter on every adaLN modulation
+of a DiT (each block's shift / scale / gate and the final layer's shift / scale): the class reaches
+a DiT only through these vectors, and guidance amplifies the class. An adapter there moves them by
+a (w, t, y)-dependent amount, as guidance-distilled models take w beside t in their conditioning
+(Meng et al. 2023). On the tiny teacher, four blocks deep, adapters beside attention alone recover
+about half of the CFG correction; with the modulation adapters, about nine tenths (README).
+
+The model file knows nothing of this: adapters are forward hooks on the modules they sit beside. The
 condition (w, t, class, prompt) of the current call is what the hooks read; it is set by the
 student's forward and kept until the next one, because gradient checkpointing re-runs blocks (and
 so the hooks) during the backward pass. Under `torch.no_grad` it is dropped after each call, so
@@ -54,6 +61,7 @@ class AdapterConfig:
     num_classes: int = 0  # > 0: also condition on the class label `y` (DiT; includes the null class)
     prompt_dim: int = 0  # > 0: also condition on the prompt tokens `context` of this width (SD)
     target: str = ""  # name of the attention modules to attach to; "" picks attn2 if present, else attn
+    modulation: bool = False  # ours: also an additive adapter on every `adaLN_modulation` (DiT; see above)
     zero_at_w1: bool = False  # ours, not the official code's: scale the adapters' output by (w - 1), so that
     #                           at w = 1 the student is the conditional model exactly, as CFG is, and small
     #                           w, whose corrections are too small for the MSE to notice, follow linearly
@@ -125,14 +133,14 @@ class ConditionEmbedder(nn.Module):
 class CrossAttentionAdapter(nn.Module):
     """The block's hidden states attend to the condition tokens; output projection zero at init."""
 
-    def __init__(self, dim, cfg):
+    def __init__(self, dim, out_dim, cfg):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.condition = ConditionEmbedder(cfg)
         self.q_proj = nn.Linear(dim, cfg.hidden_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_dim, cfg.hidden_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_dim, cfg.hidden_dim, bias=False)
-        self.out_proj = nn.Linear(cfg.hidden_dim, dim)
+        self.out_proj = nn.Linear(cfg.hidden_dim, out_dim)
 
     def forward(self, x, **condition):
         c, prompt = self.condition(**condition)
@@ -150,12 +158,12 @@ class CrossAttentionAdapter(nn.Module):
 class AdditiveAdapter(nn.Module):
     """Summed condition embeddings -> MLP -> one vector per sample, added to every token."""
 
-    def __init__(self, dim, cfg):
+    def __init__(self, dim, out_dim, cfg):
         super().__init__()
         self.condition = ConditionEmbedder(cfg)
         self.fc1 = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
         self.norm = nn.LayerNorm(cfg.hidden_dim)
-        self.out_proj = nn.Linear(cfg.hidden_dim, dim)
+        self.out_proj = nn.Linear(cfg.hidden_dim, out_dim)
 
     def forward(self, x, **condition):
         c, prompt = self.condition(**condition)
@@ -181,9 +189,13 @@ def init_adapter(adapter):
 # the student: a frozen base model with adapters beside its attention blocks
 
 
-def _width(module):
-    """Hidden size entering an attention module: the in_features of its first linear layer."""
-    return next(m for m in module.modules() if isinstance(m, nn.Linear)).in_features
+def _widths(module):
+    """(width in, width out) of a module: its first linear layer's input, its last one's output."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return linears[0].in_features, linears[-1].out_features
+
+
+MODULATION = "adaLN_modulation"  # DiT's per-block (and final layer's) shift / scale / gate
 
 
 class Student(nn.Module):
@@ -197,9 +209,16 @@ class Student(nn.Module):
         if not self.targets:
             raise ValueError(f"no module named {target!r} in {type(model).__name__} to attach adapters to")
         self.config = cfg = AdapterConfig(**{**asdict(cfg), "target": target})
+        archs = [cfg.arch] * len(self.targets)
+        if cfg.modulation:
+            modulations = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == MODULATION]
+            if not modulations:
+                raise ValueError(f"modulation=True: no {MODULATION!r} module in {type(model).__name__} (a DiT has them)")
+            self.targets += modulations
+            archs += ["additive"] * len(modulations)  # one vector per sample, like the class they amplify
         modules = dict(model.named_modules())
         self.model = model.requires_grad_(False)  # frozen; its weights are shared, never copied
-        self.adapters = nn.ModuleList([ARCHS[cfg.arch](_width(modules[n]), cfg) for n in self.targets])
+        self.adapters = nn.ModuleList([ARCHS[a](*_widths(modules[n]), cfg) for n, a in zip(self.targets, archs)])
         for adapter in self.adapters:
             init_adapter(adapter)
         self.enabled = True
@@ -210,14 +229,16 @@ class Student(nn.Module):
         def add_adapter_output(module, args, output):
             if not self.enabled or self._condition is None:
                 return None  # the base model's output, untouched
-            x = args[0]  # (B, T, D): the hidden states entering the attention block
+            x = args[0]  # (B, T, D): the hidden states entering the attention block; (B, D): a modulation's input
             if x.shape[0] != self._condition["w"].shape[0]:
                 raise RuntimeError(f"adapters hold the condition of a batch of {self._condition['w'].shape[0]} "
                                    f"but the model runs a batch of {x.shape[0]}: call the model through the "
                                    "student, or call student.release() after training")
             delta = adapter(x.to(adapter.out_proj.weight.dtype), **self._condition)  # (B, T, D) or (B, 1, D)
+            if output.dim() == 2:  # a modulation: one vector per sample
+                delta = delta[:, 0]
             if self.config.zero_at_w1:
-                delta = delta * (self._condition["w"] - 1).view(-1, 1, 1)
+                delta = delta * (self._condition["w"] - 1).view(-1, *[1] * (delta.dim() - 1))
             return output + delta.to(output.dtype)
 
         return add_adapter_output

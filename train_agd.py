@@ -90,7 +90,7 @@ def setup_dit(model, args, step_kw):
         # the paper's placement: every block's self-attention (Student picks `attn` in a DiT)
         adapter_options=dict(hidden_dim=args.hidden_dim, num_heads=args.num_heads, use_timestep=args.use_timestep,
                              num_classes=cfg.num_classes + 1 if args.use_class else 0, mlp_ratio=args.mlp_ratio,
-                             zero_at_w1=args.zero_at_w1))
+                             zero_at_w1=args.zero_at_w1, modulation=args.modulation))
 
 
 def read_prompts(file):
@@ -128,11 +128,13 @@ def setup_sd(weights, args):
 
 MODELS = {
     # name: (default weights, defaults that differ from the paper's / the CLI's)
-    # tiny: a short run with a high learning rate; the adapters also see t and the class, and scale
-    # their output by (w - 1) (6 % of the base)
-    "tiny": ("assets/tiny-dit-mnist", dict(trajectories=500, steps=25, train_steps=1000, batch_size=64, lr=5e-3,
-                                           hidden_dim=32, num_heads=4, mlp_ratio=2.0, use_timestep=True,
-                                           use_class=True, zero_at_w1=True, w_min=1.0, w_max=6.0)),
+    # tiny: a short run with a high learning rate; the adapters also see t and the class, scale their
+    # output by (w - 1), sit on the adaLN modulations too, and learn the guidance direction at every w
+    # alike (11 % of the base; README's tiny-world section says what each of these bought)
+    "tiny": ("assets/tiny-dit-mnist", dict(trajectories=1000, steps=25, train_steps=1500, batch_size=64, lr=5e-3,
+                                           hidden_dim=24, num_heads=4, mlp_ratio=1.0, use_timestep=True,
+                                           use_class=True, zero_at_w1=True, modulation=True, loss="guidance",
+                                           w_min=1.0, w_max=6.0)),
     "dit": ("facebook/DiT-XL-2-256", dict(trajectories=4000, steps=250, keep_steps=50, train_steps=20000,
                                           batch_size=32, lr=1e-4, hidden_dim=256, mlp_ratio=4.0, w_min=1.0,
                                           w_max=6.0)),
@@ -320,6 +322,18 @@ def lr_lambda(total, warmup_frac=0.1):
         0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def distillation_loss(pred, target, w, kind="mse"):
+    """MSE to the CFG output; "guidance": each sample's divided by (w - 1)^2 (floored at 0.1^2).
+
+    The CFG correction is (w - 1) (cond - uncond), so its squared size grows as (w - 1)^2 and plain
+    MSE is ruled by the largest w; divided, every w counts as an error on the direction cond - uncond.
+    """
+    err = (pred - target).pow(2).flatten(1).mean(1)  # (B,)
+    if kind == "guidance":
+        err = err / (w.float() - 1).clamp(min=0.1) ** 2
+    return err.mean()
+
+
 def batch_rows(n_rows, batch, seed, rank, step):
     """The rows of one rank's batch at one step: a function of (seed, rank, step) only, so resuming is exact."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
@@ -407,7 +421,7 @@ def train(s, data, args, out):
         target, w = batch["target"][i].to(device).float(), batch["w"][i].to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             pred = student(x, t, w=w, **batch_condition(batch, i, device, dtype))
-        loss = F.mse_loss(pred.float(), target)
+        loss = distillation_loss(pred.float(), target, w, args.loss)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         average_gradients(params, args.world)
@@ -548,6 +562,11 @@ def parse_args(argv=None):
     g.add_argument("--use-class", action=argparse.BooleanOptionalAction, default=None,
                    help="DiT: condition the adapters on the class too")
     g.add_argument("--use-prompt", action="store_true", help="SD: condition the adapters on the prompt tokens too")
+    g.add_argument("--modulation", action=argparse.BooleanOptionalAction, default=None,
+                   help="DiT: also adapt every adaLN modulation (ours; see adapters.py; default: on for tiny)")
+    g.add_argument("--loss", choices=["mse", "guidance"], default=None,
+                   help="mse: the paper's; guidance: each squared error divided by (w - 1)^2, i.e. measured in "
+                        "units of the guidance direction, so small w weigh as much as large (default for tiny)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="SD: recompute the UNet's blocks in backward (default: on for sd21 and sdxl)")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint the training state every N steps")
@@ -561,7 +580,8 @@ def parse_args(argv=None):
     for k, v in MODELS[args.model][1].items():  # the model's defaults where not given
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for k, v in dict(num_heads=1, use_timestep=False, use_class=False, zero_at_w1=False).items():  # the official adapters'
+    for k, v in dict(num_heads=1, use_timestep=False, use_class=False, zero_at_w1=False, modulation=False,
+                     loss="mse").items():  # the official adapters'
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out = Path(args.out or f"runs/{args.model}")
@@ -572,6 +592,8 @@ def parse_args(argv=None):
     if args.batch_size % args.world:
         p.error(f"--batch-size {args.batch_size} does not split over {args.world} ranks")
     if args.model in ("sd21", "sdxl"):
+        if args.modulation:
+            p.error("--modulation is for DiTs (adaLN); a UNet takes its adapters beside attn2")
         if not Path(args.prompt_file).is_file() or not read_prompts(args.prompt_file):
             p.error(f"--prompt-file {args.prompt_file}: no such file, or no prompts in it")
     return args

@@ -29,7 +29,8 @@ def randomize(student):
             p.normal_(0, 0.3)
 
 
-@pytest.mark.parametrize("options", [{}, {"arch": "additive"}, {"use_timestep": True, "num_classes": 6, "num_heads": 2}])
+@pytest.mark.parametrize("options", [{}, {"arch": "additive"}, {"use_timestep": True, "num_classes": 6, "num_heads": 2},
+                                     {"modulation": True, "use_timestep": True, "num_classes": 6}])
 def test_fresh_student_equals_base_exactly(options):
     model = tiny_dit()
     x, t, y = inputs()
@@ -39,12 +40,13 @@ def test_fresh_student_equals_base_exactly(options):
         assert torch.equal(student(x, t, w=4.0, y=y), base)
 
 
-def test_disabled_adapters_give_the_base_model_bit_for_bit():
+@pytest.mark.parametrize("modulation", [False, True])
+def test_disabled_adapters_give_the_base_model_bit_for_bit(modulation):
     model = tiny_dit()
     x, t, y = inputs()
     with torch.no_grad():
         base = model(x, t, y=y)
-        student = adapters.attach(model, hidden_dim=16, use_timestep=True)
+        student = adapters.attach(model, hidden_dim=16, use_timestep=True, modulation=modulation)
         randomize(student)
         guided = student(x, t, w=3.0, y=y)
         assert not torch.allclose(guided, base)  # trained adapters change the output
@@ -88,7 +90,8 @@ def test_adapters_follow_w():
         assert torch.allclose(per_sample[1], student(x, t, w=6.0, y=y)[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("options", [{}, {"arch": "additive", "use_timestep": True}])
+@pytest.mark.parametrize("options", [{}, {"arch": "additive", "use_timestep": True},
+                                     {"modulation": True, "zero_at_w1": True, "num_classes": 6}])
 def test_save_load_round_trip(tmp_path, options):
     model = tiny_dit()
     student = adapters.attach(model, hidden_dim=16, **options)
@@ -100,7 +103,7 @@ def test_save_load_round_trip(tmp_path, options):
     student.detach()
     assert adapters.read_config(tmp_path / "agd.safetensors").hidden_dim == 16
     keys = checkpoint.read_tensors(tmp_path / "agd.safetensors")
-    assert all(k.startswith("blocks.") for k in keys) and len(keys) == len(student.adapter_state_dict())
+    assert all(k.startswith(tuple(student.targets)) for k in keys) and len(keys) == len(student.adapter_state_dict())
     # onto a different instance of the same architecture (a fine-tune of the base, say)
     other = tiny_dit()
     loaded = adapters.load(other, tmp_path / "agd.safetensors")
@@ -139,12 +142,34 @@ def test_placement_is_every_attention_block():
     assert student.config.target == "attn"
 
 
+def test_modulation_adds_an_additive_adapter_on_every_adaLN_modulation():
+    model = tiny_dit()
+    student = adapters.attach(model, hidden_dim=16, modulation=True)
+    assert student.targets == ["blocks.0.attn", "blocks.1.attn", "blocks.0.adaLN_modulation",
+                               "blocks.1.adaLN_modulation", "final_layer.adaLN_modulation"]
+    kinds = [type(a).__name__ for a in student.adapters]
+    assert kinds == ["CrossAttentionAdapter"] * 2 + ["AdditiveAdapter"] * 3
+    widths = [a.out_proj.out_features for a in student.adapters]
+    assert widths == [32, 32, 6 * 32, 6 * 32, 2 * 32]  # shift / scale / gate of attention and MLP; the final layer's
+    x, t, y = inputs()
+    randomize(student)
+    with torch.no_grad():  # the modulation adapters alone move the output
+        with_modulation = student(x, t, w=3.0, y=y)
+        for a in student.adapters[:2]:
+            a.out_proj.weight.zero_(), a.out_proj.bias.zero_()
+        assert not torch.allclose(student(x, t, w=3.0, y=y), model(x, t, y=y))
+        assert not torch.allclose(student(x, t, w=3.0, y=y), with_modulation)
+    with pytest.raises(ValueError, match="adaLN_modulation"):
+        adapters.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)), target="0", modulation=True)
+
+
 def test_zero_at_w1_gives_the_conditional_model_at_w1():
     model = tiny_dit()
     x, t, y = inputs()
     with torch.no_grad():
         base = model(x, t, y=y)
-        student = adapters.attach(model, hidden_dim=16, zero_at_w1=True)
+        student = adapters.attach(model, hidden_dim=16, zero_at_w1=True, modulation=True)
         randomize(student)
         assert torch.equal(student(x, t, w=1.0, y=y), base)  # (w - 1) = 0: no correction at all
         assert not torch.allclose(student(x, t, w=2.0, y=y), base)
+

@@ -74,3 +74,18 @@ def test_bad_arguments_exit_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_agd.parse_args(["--w-min", "3", "--w-max", "2"])
     assert "--w-min" in capsys.readouterr().err
+
+
+def test_guidance_loss_measures_errors_in_units_of_the_guidance_direction():
+    target = torch.zeros(3, 2, 4, 4)
+    w = torch.tensor([1.5, 2.0, 5.0])
+    pred = (w - 1).view(-1, 1, 1, 1) * torch.ones_like(target)  # off by exactly one guidance direction at every w
+    assert train_agd.distillation_loss(pred, target, w, "guidance").item() == pytest.approx(1.0)
+    assert train_agd.distillation_loss(pred, target, w, "mse").item() == pytest.approx((0.25 + 1 + 16) / 3)
+    assert torch.isfinite(train_agd.distillation_loss(pred, target, torch.ones(3), "guidance"))  # w = 1: floored
+
+
+def test_modulation_is_for_dits_only(capsys):
+    with pytest.raises(SystemExit):
+        train_agd.parse_args(["--model", "sdxl", "--modulation"])
+    assert "--modulation" in capsys.readouterr().err
