@@ -146,6 +146,8 @@ class CrossAttentionAdapter(nn.Module):
         c, prompt = self.condition(**condition)
         c = c if prompt is None else torch.cat([c, prompt], dim=1)  # (B, S + L, h)
         c = c + token_positions(c.shape[1], c.shape[2]).to(c)  # (B, S, h)
+        if c.shape[1] == 1:  # one token (w alone, the official default): softmax over one key is 1, so
+            return self.out_proj(self.v_proj(c))  # every image token gets its value: once per sample (B, 1, D)
         B, T, _ = x.shape
         nh = self.num_heads
         q = self.q_proj(x).view(B, T, nh, -1).transpose(1, 2)  # (B, nh, T, h/nh)

@@ -173,3 +173,19 @@ def test_zero_at_w1_gives_the_conditional_model_at_w1():
         assert torch.equal(student(x, t, w=1.0, y=y), base)  # (w - 1) = 0: no correction at all
         assert not torch.allclose(student(x, t, w=2.0, y=y), base)
 
+
+def test_one_condition_token_takes_the_short_path_with_the_same_result():
+    """With w alone, softmax over one key is 1: the adapter skips the attention, and gives what it would."""
+    torch.manual_seed(0)
+    adapter = adapters.CrossAttentionAdapter(32, 32, adapters.AdapterConfig(hidden_dim=16, num_heads=2))
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, w = torch.randn(3, 10, 32), torch.tensor([1.5, 3.0, 5.0])
+    c = adapter.condition(w=w)[0] + adapters.token_positions(1, 16)
+    heads = lambda z: z.view(3, -1, 2, 8).transpose(1, 2)  # noqa: E731
+    attention = torch.nn.functional.scaled_dot_product_attention(
+        heads(adapter.q_proj(x)), heads(adapter.k_proj(c)), heads(adapter.v_proj(c)))
+    expected = adapter.out_proj(attention.transpose(1, 2).reshape(3, 10, 16))
+    out = adapter(x, w=w)
+    assert out.shape == (3, 1, 32)
+    torch.testing.assert_close(out.expand(3, 10, 32), expected, rtol=1e-5, atol=1e-6)
