@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import checkpoint
 
@@ -206,6 +207,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(cfg.hidden_size, grid)[None], persistent=False)  # (1, T, D)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg)
+        self.gradient_checkpointing = False  # set True to recompute each block in backward (training adapters)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -244,8 +246,9 @@ class DiT(nn.Module):
         t = torch.as_tensor(t, device=x.device).expand(B)  # a number or a (B,) tensor
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        for block in self.blocks:
-            x = block(x, c)  # (B, T, D)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:  # checkpointed: activations recomputed in backward (Chen et al. 2016)
+            x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False) if checkpointed else block(x, c)
         x = self.final_layer(x, c)  # (B, T, p*p*C_out)
         return self.unpatchify(x, H // p, W // p)  # (B, C_out, H, W)
 

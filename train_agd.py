@@ -137,7 +137,7 @@ MODELS = {
                                            w_min=1.0, w_max=6.0)),
     "dit": ("facebook/DiT-XL-2-256", dict(trajectories=4000, steps=250, keep_steps=50, train_steps=20000,
                                           batch_size=32, lr=1e-4, hidden_dim=256, mlp_ratio=4.0, w_min=1.0,
-                                          w_max=6.0)),
+                                          w_max=6.0, gradient_checkpointing=True)),
     # SD: 4 trajectories per prompt of the bundled file, 8 of 50 sampler steps stored; the official
     # adapters' width 320 and 5,000 steps; batch sizes for a 24 GB GPU with gradient checkpointing
     "sd21": ("stabilityai/stable-diffusion-2-1", dict(trajectories=500, steps=50, keep_steps=8, train_steps=5000,
@@ -158,6 +158,7 @@ def load_setup(args):
     if args.model in ("sd21", "sdxl"):
         return setup_sd(weights, args)
     model = dit.from_pretrained(weights, device=args.device, dtype=args.dtype)
+    model.gradient_checkpointing = bool(args.gradient_checkpointing)
     return setup_dit(model, args, guidance.step_options_beside(weights))  # as sample.py samples
 
 
@@ -568,7 +569,8 @@ def parse_args(argv=None):
                    help="mse: the paper's; guidance: each squared error divided by (w - 1)^2, i.e. measured in "
                         "units of the guidance direction, so small w weigh as much as large (default for tiny)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="SD: recompute the UNet's blocks in backward (default: on for sd21 and sdxl)")
+                   help="recompute the base's blocks in backward: less memory, one more forward "
+                        "(default: on for dit, sd21 and sdxl)")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint the training state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     g = p.add_argument_group("evaluation (tiny)")

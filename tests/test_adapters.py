@@ -189,3 +189,22 @@ def test_one_condition_token_takes_the_short_path_with_the_same_result():
     out = adapter(x, w=w)
     assert out.shape == (3, 1, 32)
     torch.testing.assert_close(out.expand(3, 10, 32), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients():
+    x, t, y = inputs()
+    grads = []
+    for flag in (False, True):
+        model = tiny_dit()
+        model.gradient_checkpointing = flag
+        torch.manual_seed(0)
+        student = adapters.attach(model, hidden_dim=16, use_timestep=True, modulation=True)
+        randomize(student)
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        student(x, t, w=torch.tensor([1.5, 3.0, 5.0]), y=y).pow(2).mean().backward()
+        assert len(calls) == (2 if flag else 1)  # checkpointed: the block ran again in backward
+        student.release()
+        grads.append([p.grad for p in student.adapters.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
