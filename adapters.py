@@ -81,8 +81,9 @@ class FourierFeatures(nn.Module):
         self.register_buffer("frequencies", torch.randn(dim))
         self.register_buffer("phases", torch.rand(dim))
 
-    def forward(self, s):
-        return torch.cos(2 * math.pi * (s.float()[:, None] * self.frequencies + self.phases))  # (B,) -> (B, h)
+    def forward(self, s):  # in fp32 whatever the adapters' dtype: the phases of large frequencies need it
+        phase = s.float()[:, None] * self.frequencies.float() + self.phases.float()
+        return torch.cos(2 * math.pi * phase).to(self.frequencies.dtype)  # (B,) -> (B, h)
 
 
 class ScalarEmbedder(nn.Module):

@@ -208,3 +208,15 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients():
         grads.append([p.grad for p in student.adapters.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_bf16_student_runs_in_bf16():
+    """For inference the adapters may share the base's dtype; the Fourier phases stay fp32 inside."""
+    model = tiny_dit().to(torch.bfloat16)
+    student = adapters.attach(model, hidden_dim=16, use_timestep=True, num_classes=6, modulation=True)
+    randomize(student)
+    student = student.to(dtype=torch.bfloat16)
+    x, t, y = inputs()
+    with torch.no_grad():
+        out = student(x.to(torch.bfloat16), t, w=3.0, y=y)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
