@@ -436,6 +436,9 @@ def train(s, data, args, out):
             save_state(state_file, student, opt, sched, step + 1, losses, scaler)
     student.release()
     check_in_sync(params, args.world)
+    if device.type == "cuda" and args.rank == 0:  # what a GPU needs for this run's settings
+        print(f"peak GPU memory in training: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
+              f"(batch {per_rank} per GPU)")
     if args.rank == 0:
         student.save(out / "adapters.safetensors", base=args.weights or MODELS[args.model][0])
         save_state(state_file, student, opt, sched, args.train_steps, losses, scaler)

@@ -53,19 +53,28 @@ def build(name, resolution, batch):
     return model, torch.randn(batch, 4, S, S), cond, null
 
 
-def seconds(fn):
+def seconds(fn, device):
+    """Wall time of fn(), waiting for a GPU's queued work to finish."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
 @torch.no_grad()
 def bench(name, args):
     model, x, cond, null = build(name, args.resolution.get(name), args.batch)
-    student = adapters.attach(model, hidden_dim=ADAPTER_WIDTH[name])
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model = model.to(device, dtype)
+    x = x.to(device, dtype)
+    cond, null = ({k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in c.items()}
+                  for c in (cond, null))
+    student = adapters.attach(model, hidden_dim=ADAPTER_WIDTH[name]).to(dtype=dtype)
     for a in student.adapters:  # trained adapters are not zero; the cost is the same either way
         torch.nn.init.normal_(a.out_proj.weight, std=0.02)
-    t, w = torch.full((args.batch,), 500), 5.0
+    t, w = torch.full((args.batch,), 500, device=device), 5.0
     run = {"cfg": lambda: guidance.guided(model, w, cond, null)(x, t),
            "agd": lambda: student(x, t, w=w, **cond),
            "base": lambda: model(x, t, **cond)}
@@ -75,7 +84,7 @@ def bench(name, args):
     order = list(run)
     for r in tqdm(range(args.runs), desc=name, leave=False):
         for k in order[r % 3:] + order[:r % 3]:
-            times[k].append(seconds(run[k]))
+            times[k].append(seconds(run[k], device))
     n_adapter, n_base = student.num_parameters()
     med = {k: statistics.median(v) for k, v in times.items()}
     side = x.shape[-1] * 8
@@ -91,7 +100,8 @@ def bench(name, args):
 
 
 def main(args):
-    print(f"CPU, {torch.get_num_threads()} threads, fp32, torch {torch.__version__}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{where}, {args.dtype}, torch {torch.__version__}")
     for name in args.models:
         bench(name, args)
 
@@ -100,6 +110,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(ADAPTER_WIDTH), default=list(ADAPTER_WIDTH))
     parser.add_argument("--batch", type=int, default=1, help="B: images per step")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--runs", type=int, default=5, help="timed runs of each of CFG, AGD, base")
     parser.add_argument("--resolution", nargs="*", default=[], metavar="MODEL=PX",
                         help="images' side in pixels per model, e.g. sdxl=512 (default: each model's native one)")
