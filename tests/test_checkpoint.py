@@ -24,30 +24,22 @@ def test_loads_from_root_and_subfolder(saved):
     assert dit.from_pretrained(root / "transformer").config.depth == 2
 
 
-def test_missing_key(saved):
+def drop(sd, key):
+    del sd[key]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: drop(sd, "proj_out_2.bias"), r"missing key proj_out_2\.bias"),
+    (lambda sd: sd.update({"transformer_blocks.5.attn1.to_q.weight": torch.zeros(16, 16)}),
+     r"unexpected key transformer_blocks\.5\.attn1\.to_q\.weight"),
+    (lambda sd: sd.update({"proj_out_2.weight": torch.zeros(3, 16)}), r"proj_out_2\.weight has shape \(3, 16\), expected"),
+], ids=["missing", "unexpected", "misshapen"])
+def test_a_wrong_key_is_named(saved, edit, message):
     root, file = saved
     sd = load_file(file)
-    del sd["proj_out_2.bias"]
+    edit(sd)
     save_file(sd, file)
-    with pytest.raises(checkpoint.CheckpointError, match=r"missing key proj_out_2\.bias"):
-        dit.from_pretrained(root)
-
-
-def test_unexpected_key(saved):
-    root, file = saved
-    sd = load_file(file)
-    sd["transformer_blocks.5.attn1.to_q.weight"] = torch.zeros(16, 16)
-    save_file(sd, file)
-    with pytest.raises(checkpoint.CheckpointError, match=r"unexpected key transformer_blocks\.5\.attn1\.to_q\.weight"):
-        dit.from_pretrained(root)
-
-
-def test_misshapen_key(saved):
-    root, file = saved
-    sd = load_file(file)
-    sd["proj_out_2.weight"] = torch.zeros(3, 16)
-    save_file(sd, file)
-    with pytest.raises(checkpoint.CheckpointError, match=r"proj_out_2\.weight has shape \(3, 16\), expected"):
+    with pytest.raises(checkpoint.CheckpointError, match=message):
         dit.from_pretrained(root)
 
 
