@@ -302,7 +302,8 @@ class Student(nn.Module):
 
 
 def attach(model, **options):
-    """Attach fresh adapters beside the attention blocks of `model`; see AdapterConfig for options."""
+    """Attach fresh adapters beside the attention blocks of `model` (and, with modulation=True, on its adaLN
+    modulations); see AdapterConfig for options."""
     known = {f.name for f in fields(AdapterConfig)}
     unknown = set(options) - known
     if unknown:
