@@ -34,7 +34,7 @@ import adapters
 import checkpoint
 import dit
 import guidance
-import text_encoders
+import prompts
 import unet
 import vae
 
@@ -226,14 +226,14 @@ def generate_sd(args, choice):
     height, width = args.height or native * factor, args.width or native * factor
     student = load_student(model, args.adapters, weights) if args.adapters else None
     scheduler = guidance.scheduler_from_config(weights)
-    prompt_encoder = text_encoders.PromptEncoder.from_pretrained(weights, dtype=args.dtype, device=args.device)
+    prompt_encoder = prompts.PromptEncoder.from_pretrained(weights, dtype=args.dtype, device=args.device)
 
-    prompts = [p for p in args.prompt for _ in range(args.num_images)]  # as num_images_per_prompt orders them
+    batch = [p for p in args.prompt for _ in range(args.num_images)]  # as num_images_per_prompt orders them
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    noise = torch.randn((len(prompts), model.config.in_channels, height // factor, width // factor),
+    noise = torch.randn((len(batch), model.config.in_channels, height // factor, width // factor),
                         generator=generator, device=args.device)  # (B, C, h, w): x_T
     start = time.perf_counter()  # the prompts' encoding counts in: once, against `steps` UNet passes
-    z = sample_sd(model, prompt_encoder, scheduler, prompts, noise, height, width, args.steps, args.cfg,
+    z = sample_sd(model, prompt_encoder, scheduler, batch, noise, height, width, args.steps, args.cfg,
                   args.negative_prompt, student, args.w, generator, progress=True)  # (B, C, h, w)
     z = z.cpu()  # waits for the device to finish
     seconds = (time.perf_counter() - start) / args.steps

@@ -1,13 +1,9 @@
-"""CLIP text encoders and prompt encoding for Stable Diffusion 2.1 and SDXL.
+"""CLIP's tokenizer and text towers, as Stable Diffusion 2.1 and SDXL use them.
 
-Three pieces, read in order:
+Two pieces, read in order (prompts.py puts them together as the pipelines do):
 
     tok = Tokenizer.from_pretrained(root)            # CLIP's BPE: prompts -> ids (B, 77)
     te = TextEncoder.from_pretrained(root)           # a CLIP text tower: ids -> hidden states, pooled
-    pe = PromptEncoder.from_pretrained(root)         # both, as the pipelines use them:
-    cond = pe(prompts, height=1024, width=1024)      # -> dict(context=...[, text_embeds=..., time_ids=...])
-    null = pe.null(len(prompts), height=1024, width=1024)   # the condition CFG subtracts
-    out = unet(x, t, **cond)
 
 The towers are CLIP's text transformer (Radford et al., "Learning Transferable Visual Models From
 Natural Language Supervision", 2021): OpenAI's ViT-L/14 (SDXL's first encoder), and OpenCLIP's
@@ -50,7 +46,7 @@ SPECIAL_TOKENS = {  # role -> transformers' CLIPTokenizer default, used where a 
 }
 
 
-def _read_json(file, default=None):
+def read_json(file, default=None):
     """A JSON file as a dict; `default` when it is absent (None: it must exist)."""
     if not file.is_file():
         if default is None:
@@ -92,7 +88,7 @@ def _read_bpe(folder):
         if not (folder / "merges.txt").is_file():
             raise checkpoint.CheckpointError(f"{folder / 'merges.txt'}: missing (expected beside vocab.json)")
         return BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    model = _read_json(folder / "tokenizer.json").get("model", {})  # transformers 5 writes only this file
+    model = read_json(folder / "tokenizer.json").get("model", {})  # transformers 5 writes only this file
     if model.get("type") != "BPE" or "vocab" not in model:
         raise checkpoint.CheckpointError(f"{folder / 'tokenizer.json'}: expected a BPE model with a vocab")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
@@ -101,13 +97,13 @@ def _read_bpe(folder):
 
 def _read_special_tokens(folder):
     """The four special tokens of a tokenizer folder, as transformers reads them: role -> AddedToken."""
-    config = _read_json(folder / "tokenizer_config.json", default={})
+    config = read_json(folder / "tokenizer_config.json", default={})
     if "added_tokens_decoder" not in config:  # older folders (the hub's SD ones): special_tokens_map.json wins
-        config.update(_read_json(folder / "special_tokens_map.json", default={}))
+        config.update(read_json(folder / "special_tokens_map.json", default={}))
     # Folders written by newer transformers list every added token with its flags, which then hold:
     # tokenizer_config.json's added_tokens_decoder (>= 4.34), tokenizer.json's added_tokens (5).
     listed = list(config.get("added_tokens_decoder", {}).values())
-    listed += _read_json(folder / "tokenizer.json", default={}).get("added_tokens", [])
+    listed += read_json(folder / "tokenizer.json", default={}).get("added_tokens", [])
     flags = {t["content"]: t for t in listed}
     tokens = {}
     for role, default in SPECIAL_TOKENS.items():
@@ -370,103 +366,3 @@ def official_keys(tensors):
     if not any(k.startswith("text_model.") for k in tensors):
         tensors = {"text_model." + k: v for k, v in tensors.items()}
     return tensors
-
-
-# -----------------------------------------------------------------------------
-# prompt encoding, as the diffusers pipelines do it
-
-
-def _model_index(path_or_repo_id):
-    """A pipeline's model_index.json (local folder or hub id), which lists its components."""
-    path = Path(path_or_repo_id).expanduser()
-    if path.exists():
-        return _read_json(path / "model_index.json")
-    if str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") != 1:
-        raise checkpoint.CheckpointError(f"{path_or_repo_id}: no such folder (and not a hub id 'owner/name')")
-    from huggingface_hub import hf_hub_download  # only needed for hub ids
-
-    try:
-        return _read_json(Path(hf_hub_download(str(path_or_repo_id), "model_index.json")))
-    except Exception as e:  # network, auth, unknown repo: all one line for the user
-        raise checkpoint.CheckpointError(f"{path_or_repo_id}: could not download model_index.json from the hub "
-                                         f"({type(e).__name__})") from e
-
-
-class PromptEncoder(nn.Module):
-    """Prompts -> the UNet's `cond` dict, equal to the diffusers SD 2.1 / SDXL pipelines' encode_prompt."""
-
-    def __init__(self, tokenizer, text_encoder, tokenizer_2=None, text_encoder_2=None,
-                 force_zeros_for_empty_prompt=False):
-        super().__init__()
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
-        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2  # SDXL only
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt  # SDXL's null condition is zeros
-
-    @property
-    def is_xl(self):
-        """SDXL (two towers, pooled text and size conditioning) rather than SD 2.1."""
-        return self.text_encoder_2 is not None
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, variant=None):
-        """SD 2.1's tokenizer and text encoder, or SDXL's two of each, as the repo's model_index.json lists them."""
-        index = _model_index(path_or_repo_id)
-        listed = [name for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-                  if isinstance(index.get(name), list) and index[name][0] is not None]
-        if listed[:2] != ["tokenizer", "text_encoder"]:
-            raise checkpoint.CheckpointError(f"{path_or_repo_id}: model_index.json lists no tokenizer and "
-                                             f"text_encoder (expected SD 2.1 or SDXL base)")
-
-        def encoder(subfolder):  # frozen: AGD never trains the text encoders
-            model = TextEncoder.from_pretrained(path_or_repo_id, subfolder, dtype, device, variant)
-            return model.requires_grad_(False)
-
-        parts = dict(tokenizer=Tokenizer.from_pretrained(path_or_repo_id, "tokenizer"),
-                     text_encoder=encoder("text_encoder"))
-        if "text_encoder_2" in listed:
-            parts.update(tokenizer_2=Tokenizer.from_pretrained(path_or_repo_id, "tokenizer_2"),
-                         text_encoder_2=encoder("text_encoder_2"),
-                         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
-        return cls(**parts)
-
-    def _time_ids(self, n, height, width, dtype, device):
-        """SDXL's size conditioning (Podell et al. 2023, sec. 2.2) with the pipeline's defaults: (n, 6)."""
-        if height is None or width is None:
-            raise ValueError("SDXL conditions on the image size: pass height= and width= in pixels (e.g. 1024)")
-        # (original height, width, crop top, left, target height, width): original = target, no crop
-        return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).repeat(n, 1)
-
-    @torch.no_grad()
-    def forward(self, prompts, height=None, width=None):
-        """Prompts -> dict(context (B, T, D)) for SD 2.1; SDXL adds text_embeds (B, P) and time_ids (B, 6)."""
-        device = next(self.text_encoder.parameters()).device
-        if not self.is_xl:
-            # SD 2.1 takes the last hidden states, final norm included: its 23 layers end where
-            # OpenCLIP's penultimate layer does.
-            last, _, _ = self.text_encoder(self.tokenizer(prompts).to(device))
-            return dict(context=last)  # (B, T, D)
-        # SDXL (Podell et al. 2023, sec. 2.1): both towers' penultimate hidden states side by side,
-        # and the second's pooled state, projected.
-        _, hidden, _ = self.text_encoder(self.tokenizer(prompts).to(device))  # (B, T, 768)
-        _, hidden_2, pooled = self.text_encoder_2(self.tokenizer_2(prompts).to(device))  # (B, T, 1280), (B, P)
-        context = torch.cat([hidden, hidden_2], dim=-1).to(pooled.dtype)  # (B, T, 2048), text_encoder_2's dtype
-        time_ids = self._time_ids(len(pooled), height, width, pooled.dtype, device)  # (B, 6)
-        return dict(context=context, text_embeds=pooled, time_ids=time_ids)
-
-    @torch.no_grad()
-    def null(self, n, height=None, width=None, negative_prompt=None):
-        """The condition CFG subtracts, for n samples: the negative prompt, else "" (SD 2.1) or zeros (SDXL)."""
-        if negative_prompt is None and self.is_xl and self.force_zeros_for_empty_prompt:
-            # SDXL base zeroes the null condition instead of encoding "" (model_index.json's
-            # force_zeros_for_empty_prompt); its size conditioning stays.
-            projection = self.text_encoder_2.text_projection.weight  # (P, 1280)
-            d = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size  # 768 + 1280
-            return dict(context=projection.new_zeros(n, self.tokenizer.max_length, d),
-                        text_embeds=projection.new_zeros(n, projection.shape[0]),
-                        time_ids=self._time_ids(n, height, width, projection.dtype, projection.device))
-        negative_prompt = "" if negative_prompt is None else negative_prompt  # SD 2.1: the empty prompt
-        if isinstance(negative_prompt, str):  # one prompt for all n: encode it once
-            return {k: v.repeat_interleave(n, dim=0) for k, v in self(negative_prompt, height, width).items()}
-        if len(negative_prompt) != n:
-            raise ValueError(f"negative_prompt has {len(negative_prompt)} prompts, expected {n} (or one string)")
-        return self(list(negative_prompt), height, width)

@@ -45,7 +45,7 @@ import adapters
 import checkpoint
 import dit
 import guidance
-import text_encoders
+import prompts
 import unet
 
 ROOT = Path(__file__).resolve().parent
@@ -93,12 +93,6 @@ def setup_dit(model, args, step_kw):
                              zero_at_w1=args.zero_at_w1, modulation=args.modulation))
 
 
-def read_prompts(file):
-    """One prompt a line; blank lines and lines starting with # are skipped."""
-    lines = [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
-
-
 def setup_sd(weights, args):
     """SD 2.1 / SDXL: the UNet, its prompt encoder and the repo's own scheduler (the inference sampler).
 
@@ -107,14 +101,14 @@ def setup_sd(weights, args):
     """
     model = unet.from_pretrained(weights, dtype=args.dtype, device=args.device)
     model.gradient_checkpointing = bool(args.gradient_checkpointing)
-    encoder = text_encoders.PromptEncoder.from_pretrained(weights, dtype=args.dtype, device=args.device)
+    encoder = prompts.PromptEncoder.from_pretrained(weights, dtype=args.dtype, device=args.device)
     scheduler = guidance.scheduler_from_config(weights)
-    prompts = read_prompts(args.prompt_file)
+    prompt_list = prompts.read_prompts(args.prompt_file)
     cfg = model.config
     size = args.resolution or 8 * (cfg.sample_size or 64)  # pixels; latents are 8x smaller (the VAE's factor)
 
     def condition(idx):
-        return encoder([prompts[i % len(prompts)] for i in idx.tolist()], height=size, width=size)
+        return encoder([prompt_list[i % len(prompt_list)] for i in idx.tolist()], height=size, width=size)
 
     return Setup(
         model=model, shape=(cfg.in_channels, size // 8, size // 8), out_channels=cfg.out_channels,
@@ -599,7 +593,7 @@ def parse_args(argv=None):
     if args.model in ("sd21", "sdxl"):
         if args.modulation:
             p.error("--modulation is for DiTs (adaLN); a UNet takes its adapters beside attn2")
-        if not Path(args.prompt_file).is_file() or not read_prompts(args.prompt_file):
+        if not Path(args.prompt_file).is_file() or not prompts.read_prompts(args.prompt_file):
             p.error(f"--prompt-file {args.prompt_file}: no such file, or no prompts in it")
     return args
 

@@ -24,7 +24,7 @@ import checkpoint
 import dit
 import guidance
 import sample
-import text_encoders
+import prompts
 import unet
 import vae
 
@@ -58,7 +58,7 @@ def parse(name, root, *argv):
 @torch.no_grad()
 def components(root):
     """What sample_sd takes, loaded from the pipeline at root: UNet, prompt encoder, scheduler."""
-    return unet.from_pretrained(root), text_encoders.PromptEncoder.from_pretrained(root), \
+    return unet.from_pretrained(root), prompts.PromptEncoder.from_pretrained(root), \
         guidance.scheduler_from_config(root)
 
 

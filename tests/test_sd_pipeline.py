@@ -17,7 +17,7 @@ import torch
 
 import checkpoint
 import guidance
-import text_encoders
+import prompts
 import unet
 
 diffusers = pytest.importorskip("diffusers")
@@ -232,7 +232,7 @@ def our_latents(root, latents, w, record):
     Our loop runs in the VP space x_t; diffusers' DDIM starts from the given latents as they are, and
     its Euler ("leading") from latents * sqrt(1 + sigma_max^2) in sigma space, which is x_t = latents too.
     """
-    pe = text_encoders.PromptEncoder.from_pretrained(root)
+    pe = prompts.PromptEncoder.from_pretrained(root)
     model = unet.from_pretrained(root)
     s = guidance.scheduler_from_config(root)
     cond, null = pe(PROMPTS, height=SIDE, width=SIDE), pe.null(len(PROMPTS), height=SIDE, width=SIDE)

@@ -17,6 +17,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import checkpoint
+import prompts
 import text_encoders as te
 from tiny_pipelines import CLIP_ASSETS, PAD_BANG, PAD_EOT, make_sd21, make_sdxl, tiny_text_config
 
@@ -304,13 +305,13 @@ CLOSE = dict(atol=1e-6, rtol=1e-5)
 @pytest.fixture(scope="module")
 def sd21(tmp_path_factory):
     root = make_sd21(tmp_path_factory.mktemp("sd21"))
-    return root, StableDiffusionPipeline.from_pretrained(root), te.PromptEncoder.from_pretrained(root)
+    return root, StableDiffusionPipeline.from_pretrained(root), prompts.PromptEncoder.from_pretrained(root)
 
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     root = make_sdxl(tmp_path_factory.mktemp("sdxl"))
-    return root, StableDiffusionXLPipeline.from_pretrained(root), te.PromptEncoder.from_pretrained(root)
+    return root, StableDiffusionXLPipeline.from_pretrained(root), prompts.PromptEncoder.from_pretrained(root)
 
 
 def test_sd21_matches_diffusers(sd21):
@@ -371,7 +372,7 @@ def test_sdxl_matches_diffusers(sdxl):
 
 def test_sdxl_without_force_zeros_encodes_the_empty_prompt(tmp_path):
     root = make_sdxl(tmp_path, force_zeros_for_empty_prompt=False)
-    pipe, pe = StableDiffusionXLPipeline.from_pretrained(root), te.PromptEncoder.from_pretrained(root)
+    pipe, pe = StableDiffusionXLPipeline.from_pretrained(root), prompts.PromptEncoder.from_pretrained(root)
     assert not pe.force_zeros_for_empty_prompt
     _, null = sdxl_reference(pipe, 32, 32)
     assert null["context"].any()
@@ -381,7 +382,7 @@ def test_sdxl_without_force_zeros_encodes_the_empty_prompt(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prompt_encoder_half_precision(sdxl, dtype):
     root, _, pe = sdxl
-    half = te.PromptEncoder.from_pretrained(root, dtype=dtype)
+    half = prompts.PromptEncoder.from_pretrained(root, dtype=dtype)
     for ours, full in ((half(PROMPTS, height=16, width=24), pe(PROMPTS, height=16, width=24)),
                        (half.null(4, height=16, width=24), pe.null(4, height=16, width=24))):
         assert {v.dtype for v in ours.values()} == {dtype}  # time_ids too, as the pipeline makes them
@@ -398,8 +399,8 @@ def test_prompt_encoder_errors(sd21, sdxl, tmp_path):
     with pytest.raises(ValueError, match="negative_prompt has 1 prompts, expected 4"):
         pe.null(4, negative_prompt=["x"])
     with pytest.raises(checkpoint.CheckpointError, match="model_index.json: missing"):
-        te.PromptEncoder.from_pretrained(tmp_path)
+        prompts.PromptEncoder.from_pretrained(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"],
                                                            "text_encoder": [None, None]}))
     with pytest.raises(checkpoint.CheckpointError, match="lists no tokenizer and text_encoder"):
-        te.PromptEncoder.from_pretrained(tmp_path)
+        prompts.PromptEncoder.from_pretrained(tmp_path)

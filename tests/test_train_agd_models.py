@@ -16,7 +16,7 @@ import adapters
 import checkpoint
 import dit
 import guidance
-import text_encoders
+import prompts
 import train_agd
 import unet
 from tiny_pipelines import make_sd21, make_sdxl
@@ -80,7 +80,7 @@ def test_sd_collect_train_sample(tmp_path, pipelines, model, dtype):
 
     # sample with the student: one pass per step, along the repo's own scheduler
     scheduler = guidance.scheduler_from_config(root)
-    cond = text_encoders.PromptEncoder.from_pretrained(root)(["a red fox in the snow"], height=64, width=64)
+    cond = prompts.PromptEncoder.from_pretrained(root)(["a red fox in the snow"], height=64, width=64)
     with torch.no_grad():
         x = guidance.sample(lambda x, t: student(x, t, w=5.0, **cond), torch.randn(1, 4, 8, 8),
                             scheduler.alphas_cumprod, scheduler.timesteps(3), step=scheduler.step, **scheduler.step_kw)
@@ -176,6 +176,6 @@ def test_missing_prompt_file_is_one_line(tmp_path, capsys):
 
 
 def test_bundled_prompt_file():
-    prompts = train_agd.read_prompts(ROOT / "prompts" / "agd_prompts.txt")
-    assert len(prompts) == 125 and len(set(prompts)) == 125
-    assert train_agd.MODELS["sdxl"][1]["trajectories"] == 4 * len(prompts)
+    bundled = prompts.read_prompts(ROOT / "prompts" / "agd_prompts.txt")
+    assert len(bundled) == 125 and len(set(bundled)) == 125
+    assert train_agd.MODELS["sdxl"][1]["trajectories"] == 4 * len(bundled)
