@@ -1,13 +1,16 @@
-"""Tiny random SD 2.1 and SDXL pipelines, saved to disk in the official hub layout (test helper).
+"""Tiny random SD 1.5, SD 2.1 and SDXL pipelines and IP-Adapters, saved to disk in the official hub
+layout (test helper).
 
 Each builds the diffusers pipeline from tiny components with the official architectures' features
 (SD 2.1: linear projections, per-block head counts, upcast attention, v-prediction; SDXL: two text
 towers, the pooled text and size embedding, several transformer layers per block), the real CLIP
 tokenizers from assets/clip, and a scheduler, then writes it as the hub repos store it:
 
-    root = make_sd21(tmp_path)   # model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/
+    root = make_sd15(tmp_path)   # model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/
+    root = make_sd21(tmp_path)   # the same folders
     root = make_sdxl(tmp_path)   # ... plus tokenizer_2/, text_encoder_2/
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(root)   # the reference, on the same files
+    file = make_ip_adapter(folder, "sdxl_models", "ip-adapter_sdxl.safetensors", pipe.unet)  # h94's layout
 
 Two things differ from what diffusers + transformers 5 write, so they are put back the hub's way:
 tokenizer folders hold vocab.json + merges.txt + special-token files (transformers 5 writes only
@@ -21,7 +24,8 @@ import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                          CLIPVisionConfig, CLIPVisionModelWithProjection)
 
 CLIP_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "clip"
 PAD_BANG = CLIP_ASSETS / "tokenizer_pad_bang"  # SD 2.1's tokenizer and SDXL's tokenizer_2: pad "!"
@@ -56,6 +60,26 @@ def _hub_layout(root, tokenizers, clip_text_models):
         if not any(k.startswith("text_model.") for k in tensors):
             tensors = {"text_model." + k: v for k, v in tensors.items()}
         save_file(tensors, file, metadata={"format": "pt"})
+
+
+def make_sd15(tmp_path):
+    """A tiny random SD 1.5 pipeline saved under tmp_path (1x1-conv projections, one head count, epsilon;
+    DDIM with SD 1.5's schedule instead of its PNDM); returns its root folder."""
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(tiny_text_config(32, "quick_gelu", projection_dim=32))  # OpenAI ViT-L/14
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2, cross_attention_dim=32, norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=_tiny_vae(0.18215, force_upcast=False), text_encoder=text_encoder,
+                                   tokenizer=CLIPTokenizer.from_pretrained(PAD_EOT), unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    root = Path(tmp_path) / "sd15"
+    pipe.save_pretrained(root)
+    _hub_layout(root, {"tokenizer": PAD_EOT}, ["text_encoder"])
+    return root
 
 
 def make_sd21(tmp_path, prediction_type="v_prediction"):
@@ -104,3 +128,66 @@ def make_sdxl(tmp_path, force_zeros_for_empty_prompt=True):
     pipe.save_pretrained(root)
     _hub_layout(root, {"tokenizer": PAD_EOT, "tokenizer_2": PAD_BANG}, ["text_encoder"])
     return root
+
+
+def tiny_vision_config(projection_dim, hidden_act="gelu"):
+    """A CLIPVisionConfig small everywhere: 32 x 32 pixels in 8 x 8 patches (17 tokens), 3 layers."""
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=projection_dim, hidden_act=hidden_act)
+
+
+def randomize(module, seed=0):
+    """Every parameter of a module random, LayerNorms' and zero-inits included (test helper)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.ndim > 1 else 0.5))
+    return module
+
+
+def make_ip_adapter(folder, subfolder, weight_name, unet, embed_dim=24, plus=False, seed=0):
+    """A random IP-Adapter for a diffusers UNet, written by hand in h94/IP-Adapter's layout and keys: the file
+    folder/subfolder/weight_name (flat safetensors, or a .bin of {"image_proj": ..., "ip_adapter": ...}) and
+    its CLIP image encoder in folder/subfolder/image_encoder (image embedding embed_dim wide). Returns the file.
+
+    ip_adapter.N is numbered by diffusers' unet.attn_processors, as the reference code numbers them.
+    plus: a Resampler of 16 latents (depth 4, one 64-wide head, as diffusers assumes) on the encoder's
+    penultimate hidden states, instead of IP-Adapter's linear projection of its embedding.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):  # weights ~ 1 / sqrt(fan-in); vectors (norms, biases) around their init
+        return torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if len(shape) > 1 else 0.5)
+
+    torch.manual_seed(seed)
+    encoder = randomize(CLIPVisionModelWithProjection(tiny_vision_config(embed_dim)), seed)
+    D, E = unet.config.cross_attention_dim, encoder.config.hidden_size
+    if plus:
+        dim, inner = 32, 64
+        tensors = {"latents": rand(1, 16, dim), "proj_in.weight": rand(dim, E), "proj_in.bias": rand(dim),
+                   "proj_out.weight": rand(D, dim), "proj_out.bias": rand(D), "norm_out.weight": 1 + rand(D),
+                   "norm_out.bias": rand(D)}
+        for i in range(4):
+            tensors.update({f"layers.{i}.0.norm1.weight": 1 + rand(dim), f"layers.{i}.0.norm1.bias": rand(dim),
+                            f"layers.{i}.0.norm2.weight": 1 + rand(dim), f"layers.{i}.0.norm2.bias": rand(dim),
+                            f"layers.{i}.0.to_q.weight": rand(inner, dim),
+                            f"layers.{i}.0.to_kv.weight": rand(2 * inner, dim),
+                            f"layers.{i}.0.to_out.weight": rand(dim, inner),
+                            f"layers.{i}.1.0.weight": 1 + rand(dim), f"layers.{i}.1.0.bias": rand(dim),
+                            f"layers.{i}.1.1.weight": rand(4 * dim, dim), f"layers.{i}.1.3.weight": rand(dim, 4 * dim)})
+    else:
+        tensors = {"proj.weight": rand(4 * D, embed_dim), "proj.bias": rand(4 * D), "norm.weight": 1 + rand(D),
+                   "norm.bias": rand(D)}
+    state = {"image_proj": tensors, "ip_adapter": {}}
+    for n, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            width = unet.get_submodule(name[:-len(".processor")]).to_q.out_features
+            state["ip_adapter"].update({f"{n}.to_k_ip.weight": rand(width, D), f"{n}.to_v_ip.weight": rand(width, D)})
+    where = Path(folder) / subfolder
+    encoder.save_pretrained(where / "image_encoder")
+    file = where / weight_name
+    if file.suffix == ".safetensors":
+        save_file({f"{part}.{k}": v for part, d in state.items() for k, v in d.items()}, file)
+    else:
+        torch.save(state, file)
+    return file
