@@ -362,7 +362,7 @@ class Student(Attachment):
 
     def save(self, path, **metadata):
         """One safetensors file: the adapters' tensors, their options in its metadata."""
-        meta = {"format": FORMAT, "config": json.dumps(asdict(self.config)),
+        meta = {"format": FORMAT, "config": json.dumps(asdict(self.config)), "model": type(self.model).__name__,
                 **{k: str(v) for k, v in metadata.items()}}
         checkpoint.save_file(self.adapter_state_dict(), path, metadata=meta)
 
@@ -401,6 +401,9 @@ def read_config(path):
 def load(model, path):
     """Rebuild a student from `student.save(path)` on `model` (the base, or a fine-tune of it)."""
     cfg = read_config(path)
+    made_for = checkpoint.read_metadata(path).get("model")  # absent in files of before it was recorded
+    if made_for is not None and made_for != type(model).__name__:
+        raise ValueError(f"adapters for a {made_for}, not a {type(model).__name__}")
     student = attach(model, **asdict(cfg))
     tensors = checkpoint.read_tensors(path)
     student.load_adapter_state_dict(tensors, source=str(path))
