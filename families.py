@@ -79,12 +79,18 @@ class Base:
     def out_channels(self):
         return self.model.config.out_channels
 
-    def adapter_options(self, use_class=False, use_prompt=False, **options):
-        """AdapterConfig options for this model: `use_class` / `use_prompt` become their widths."""
+    def adapter_options(self, use_class=False, use_prompt=False, use_negative=False, **options):
+        """AdapterConfig options for this model: `use_class` / `use_prompt` become their widths, and
+        `use_negative` the width of the negative condition the adapters then read (a class or a prompt)."""
+        c = self.model.config
         if use_class:
-            options["num_classes"] = self.model.config.num_classes + 1  # with the null class
+            options["num_classes"] = c.num_classes + 1  # with the null class
         if use_prompt:
-            options["prompt_dim"] = self.model.config.cross_attention_dim
+            options["prompt_dim"] = c.cross_attention_dim
+        if use_negative and self.family.conditioning == "class":
+            options["negative_classes"] = c.num_classes + 1  # the null class: no negative
+        elif use_negative:
+            options["negative_prompt_dim"] = c.cross_attention_dim
         return options
 
 

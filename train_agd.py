@@ -157,7 +157,8 @@ def train(student, source, hp, out, resume=False, rank=0, world=1):
         x, t = batch["x"][i].to(device, dtype), batch["t"][i].to(device)
         target, w = batch["target"][i].to(device).float(), batch["w"][i].to(device)
         cond = trajectories.batch_condition(batch, i, device, dtype)
-        with student.condition(w=w, t=t, **cond):
+        negative = trajectories.batch_condition(batch, i, device, dtype, "neg.") or None  # adapters that read it
+        with student.condition(w=w, t=t, negative=negative, **cond):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 pred = model(x, t, **cond)
             loss = distillation_loss(pred.float(), target, w, hp.loss)
@@ -185,8 +186,9 @@ def train(student, source, hp, out, resume=False, rank=0, world=1):
 # CLI
 
 
-ADAPTER_OPTIONS = ("hidden_dim", "num_heads", "mlp_ratio", "use_timestep", "use_class", "use_prompt", "zero_at_w1",
-                   "modulation")  # the CLI's adapter flags, in AdapterConfig's names (use_*: see Base.adapter_options)
+ADAPTER_OPTIONS = ("hidden_dim", "num_heads", "mlp_ratio", "use_timestep", "use_class", "use_prompt", "use_negative",
+                   "zero_at_w1", "modulation")  # the CLI's adapter flags, in AdapterConfig's names (use_*: see
+#                                                Base.adapter_options)
 
 
 def parse_args(argv=None):
@@ -213,6 +215,12 @@ def parse_args(argv=None):
     g.add_argument("--prompt-file", default=str(ROOT / "prompts" / "agd_prompts.txt"),
                    help="SD: one prompt a line; trajectory i asks for prompt i mod their number")
     g.add_argument("--resolution", type=int, help="SD: image side in pixels (default: the UNet's native one)")
+    g.add_argument("--negatives", type=float, default=0.0, metavar="P",
+                   help="the share of trajectories whose CFG is against a random negative (DiT: another class; SD: "
+                        "a prompt of --negative-prompt-file) instead of the null condition; the adapters then also "
+                        "see the negative, so that sampling with one runs in one pass (default 0: none)")
+    g.add_argument("--negative-prompt-file", default=str(ROOT / "prompts" / "negative_prompts.txt"),
+                   help="SD with --negatives: one negative prompt a line")
     g.add_argument("--online", action="store_true",
                    help="store nothing: generate trajectories while training (the base itself is the teacher)")
     g.add_argument("--buffer-shards", type=int, default=4, help="--online: shards held at once")
@@ -252,6 +260,9 @@ def parse_args(argv=None):
     for k, v in {**families.OFFICIAL_ADAPTERS, **family.train}.items():  # the model's defaults where not given
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.use_negative = args.negatives > 0
+    if not 0 <= args.negatives <= 1:
+        p.error(f"--negatives is a share of the trajectories, in [0, 1]; got {args.negatives}")
     args.out = Path(args.out or f"runs/{args.model}")
     args.dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args)
     args.rank, args.world = 0, int(os.environ.get("WORLD_SIZE", 1))
@@ -266,8 +277,10 @@ def parse_args(argv=None):
             p.error(f"--use-class is for class-conditioned models; --model {args.model} takes a prompt (--use-prompt)")
         if args.modulation:
             p.error("--modulation is for DiTs (adaLN); a UNet takes its adapters beside attn2")
-        if not Path(args.prompt_file).is_file() or not prompts.read_prompts(args.prompt_file):
-            p.error(f"--prompt-file {args.prompt_file}: no such file, or no prompts in it")
+        for flag, file in (("--prompt-file", args.prompt_file),) + \
+                (("--negative-prompt-file", args.negative_prompt_file),) * args.use_negative:
+            if not Path(file).is_file() or not prompts.read_prompts(file):
+                p.error(f"{flag} {file}: no such file, or no prompts in it")
     return args
 
 
@@ -296,7 +309,9 @@ def collection_plan(args, family):
     return trajectories.Collection(
         trajectories=args.trajectories, steps=args.steps, w_min=args.w_min, w_max=args.w_max,
         keep_steps=args.keep_steps, shard_size=args.shard_size, batch=args.collect_batch, seed=args.seed,
-        prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None)
+        prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None,
+        negative_prob=args.negatives, negative_prompts=prompts.read_prompts(args.negative_prompt_file)
+        if family.conditioning == "prompt" and args.negatives > 0 else None)
 
 
 def load_base(args):

@@ -279,8 +279,7 @@ def test_the_script_prints_one_line_not_a_traceback(pipelines, tmp_path):
     (["--model", "sd21", "--num-images", "0"], "--num-images must be at least 1"),
     (["--model", "sd21", "--width", "-8"], "--width must be positive"),
     (["--model", "sd21", "--adapters", "a.safetensors", "--cfg", "7.5"], "with --adapters give the scale as --w"),
-    (["--model", "sdxl", "--adapters", "a.safetensors", "--negative-prompt", "blurry"],
-     "adapters learned CFG against the null condition"),
+    (["--model", "sdxl", "--w-schedule", "interval:5:1"], "need 0 <= LOW < HIGH"),
 ])
 def test_bad_arguments_are_refused_by_the_parser(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
