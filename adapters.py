@@ -155,6 +155,8 @@ class AdapterConfig:
     hidden_dim: int = 256  # h: width of the condition tokens and of the attention (paper, DiT-XL/2)
     num_heads: int = 1  # of the adapter's cross-attention
     mlp_ratio: float = 4.0  # of the MLPs that embed scalars (w, t) after their Fourier features
+    w_scale: float = 1.0  # w is multiplied by it before its Fourier features (the official code's cfg_mult:
+    #                       1000 for its additive adapter on DiT; 1 for its cross-attention adapter)
     use_timestep: bool = False  # also condition on t (scaled by 1 / num_train_timesteps)
     num_classes: int = 0  # > 0: also condition on the class label `y` (DiT; includes the null class)
     prompt_dim: int = 0  # > 0: also condition on the prompt tokens `context` of this width (SD)
@@ -224,7 +226,7 @@ class ConditionEmbedder(nn.Module):
 
     def forward(self, w, t=None, y=None, context=None, negative_y=None, negative_context=None):
         """(one token per scalar and label (B, S, h), the prompts' tokens (B, L, h) or None)."""
-        tokens = [self.guidance(w)]
+        tokens = [self.guidance(w * self.cfg.w_scale)]
         if self.timestep is not None:
             tokens.append(self.timestep(t.float() / self.cfg.num_train_timesteps))
         if self.label is not None:

@@ -74,6 +74,7 @@ class Base:
     null: callable  # (n, negative=None) -> the cond dict CFG subtracts: the null condition, or a negative one
     vae: torch.nn.Module = None  # the autoencoder of a latent model, when asked for
     prompt_encoder: torch.nn.Module = None  # SD's
+    cfg_channels: int = None  # the output channels CFG guides: all (None), or DiT's own code's 3 of 4
 
     @property
     def out_channels(self):
@@ -131,8 +132,14 @@ def dit_scheduler(weights, sampler="ddpm"):
     return guidance.scheduler_from_config(config)
 
 
-def load_dit(family, weights, dtype=None, device=None, sampler="ddpm", with_vae=False, vae_weights=None, **_):
+def load_dit(family, weights, dtype=None, device=None, sampler="ddpm", with_vae=False, vae_weights=None,
+             cfg_channels=None, **_):
+    """The DiT and how it samples. cfg_channels=3: CFG guides the first 3 of the 4 latent channels, as
+    facebookresearch/DiT's forward_with_cfg does "for exact reproducibility reasons", the arithmetic
+    behind its published FID-50K of 2.27; the default guides all of them, as diffusers' DiTPipeline."""
     model = dit.from_pretrained(weights, dtype=dtype, device=device)
+    if cfg_channels is not None and not 1 <= cfg_channels <= model.config.in_channels:
+        raise ValueError(f"cfg_channels {cfg_channels}: {weights} has {model.config.in_channels} channels")
     num_classes = model.config.num_classes
     ae = None
     if with_vae and family.latent:
@@ -150,7 +157,7 @@ def load_dit(family, weights, dtype=None, device=None, sampler="ddpm", with_vae=
 
     c = model.config
     return Base(family, str(weights), model, dit_scheduler(weights, sampler), (c.in_channels, c.input_size, c.input_size),
-                encode, null, vae=ae)
+                encode, null, vae=ae, cfg_channels=cfg_channels)
 
 
 # -----------------------------------------------------------------------------

@@ -118,11 +118,12 @@ def cfg(cond_out, uncond_out, w, channels):
     return torch.cat([pred, cond_out[:, channels:]], dim=1)
 
 
-def guided(model, w, cond, null):
+def guided(model, w, cond, null, channels=None):
     """The CFG denoiser: conditional and null passes batched into one call of `model`.
 
     w: a number, one per sample, or a function of the step's timestep (a guidance schedule, see
     WSchedule); where it gives 1 the null pass is skipped, since CFG at w = 1 is the conditional model.
+    channels: how many output channels are guided (default: all of the input's; see cfg).
     """
 
     def denoise(x, t):
@@ -132,7 +133,7 @@ def guided(model, w, cond, null):
             return model(x, t, **cond)
         both = {k: torch.cat([cond[k], null[k]]) for k in cond}
         cond_out, uncond_out = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
-        return cfg(cond_out, uncond_out, scale, x.shape[1])
+        return cfg(cond_out, uncond_out, scale, channels or x.shape[1])
 
     return denoise
 

@@ -107,12 +107,14 @@ def check_in_sync(params, world):
         raise RuntimeError(f"adapters differ across ranks after training: {[g.item() for g in gathered]}")
 
 
-def save_state(file, student, opt, sched, step, losses, scaler=None):
-    """Everything to resume training exactly, written atomically (temp file, then rename)."""
+def save_state(file, student, opt, sched, step, losses, scaler=None, with_base=False):
+    """Everything to resume training exactly, written atomically (temp file, then rename); with_base: the
+    base's weights too, when they are trained (the whole-model baseline of bench/ablations_tiny.py)."""
     tmp = file.with_name(file.name + ".tmp")
     torch.save({"adapters": student.adapter_state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "step": step, "losses": losses,
-                "scaler": scaler.state_dict() if scaler is not None else {}}, tmp)
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                **({"base": student.model.state_dict()} if with_base else {})}, tmp)
     tmp.replace(file)
     (file.parent / "losses.json").write_text(json.dumps(losses))
 
@@ -125,15 +127,16 @@ def load_state(file):
                                          "delete it to start over") from None
 
 
-def train(student, source, hp, out, resume=False, rank=0, world=1):
-    """Fit the student's adapters to the CFG targets of `source(step)` (a dict of rows) by MSE.
+def train(student, source, hp, out, resume=False, rank=0, world=1, params=None):
+    """Fit the student's adapters (or `params`) to the CFG targets of `source(step)` (a dict of rows) by MSE.
 
     The base runs in its own dtype (bf16 or fp16) under autocast; the adapters keep fp32 weights,
     and fp16 gets a gradient scaler. Each step runs the base model inside the student's scope, and
     calls backward there too: gradient checkpointing re-runs the blocks, and their adapters, in it.
     """
     model = student.model
-    params = list(student.adapters.parameters())
+    params = list(student.adapters.parameters()) if params is None else list(params)
+    with_base = any(p.requires_grad for p in model.parameters())  # the whole model trained, not adapters only
     opt = torch.optim.Adam(params, lr=hp.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.train_steps))
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -142,6 +145,8 @@ def train(student, source, hp, out, resume=False, rank=0, world=1):
     if resume and state_file.is_file():
         state = load_state(state_file)
         student.load_adapter_state_dict(state["adapters"], source=str(state_file))
+        if with_base:
+            model.load_state_dict(state["base"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -172,13 +177,13 @@ def train(student, source, hp, out, resume=False, rank=0, world=1):
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.5f}", lr=f"{sched.get_last_lr()[0]:.1e}")
         if (step + 1) % hp.save_every == 0 and step + 1 < hp.train_steps and rank == 0:
-            save_state(state_file, student, opt, sched, step + 1, losses, scaler)
+            save_state(state_file, student, opt, sched, step + 1, losses, scaler, with_base)
     check_in_sync(params, world)
     if device.type == "cuda" and rank == 0:  # what a GPU needs for this run's settings
         print(f"peak GPU memory in training: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
               f"(batch {per_rank} per GPU)")
     if rank == 0:
-        save_state(state_file, student, opt, sched, hp.train_steps, losses, scaler)
+        save_state(state_file, student, opt, sched, hp.train_steps, losses, scaler, with_base)
     return student
 
 
@@ -215,6 +220,9 @@ def parse_args(argv=None):
     g.add_argument("--prompt-file", default=str(ROOT / "prompts" / "agd_prompts.txt"),
                    help="SD: one prompt a line; trajectory i asks for prompt i mod their number")
     g.add_argument("--resolution", type=int, help="SD: image side in pixels (default: the UNet's native one)")
+    g.add_argument("--cfg-channels", type=lambda v: None if v == "all" else int(v), metavar="3|all",
+                   help="DiT: the latent channels CFG guides in the trajectories: all (default, as diffusers), or 3, "
+                        "as facebookresearch/DiT's forward_with_cfg and the official AGD code collect")
     g.add_argument("--negatives", type=float, default=0.0, metavar="P",
                    help="the share of trajectories whose CFG is against a random negative (DiT: another class; SD: "
                         "a prompt of --negative-prompt-file) instead of the null condition; the adapters then also "
@@ -273,6 +281,8 @@ def parse_args(argv=None):
     if family.conditioning == "class" and args.use_prompt:
         p.error(f"--use-prompt is for prompt-conditioned models; --model {args.model} takes a class (--use-class)")
     if family.conditioning == "prompt":
+        if args.cfg_channels is not None:
+            p.error(f"--cfg-channels is for DiTs; --model {args.model} guides its whole prediction")
         if args.use_class:
             p.error(f"--use-class is for class-conditioned models; --model {args.model} takes a prompt (--use-prompt)")
         if args.modulation:
@@ -317,7 +327,7 @@ def collection_plan(args, family):
 def load_base(args):
     """The frozen base model that --model and --weights name, set up for training adapters beside it."""
     base = families.load(args.model, args.weights, dtype=args.dtype, device=args.device,
-                         height=args.resolution, width=args.resolution)
+                         height=args.resolution, width=args.resolution, cfg_channels=args.cfg_channels)
     base.model.gradient_checkpointing = bool(args.gradient_checkpointing)
     return base
 

@@ -105,7 +105,7 @@ def collect_shard(base, plan, idx, w, generator, negatives=None):
         if step["i"] in keep:
             rows.append((step["x"].half().cpu(), step["t"], step["out"].half().cpu()))
 
-    guidance.sample(guidance.guided(base.model, w.to(device), cond, null), x, base.scheduler, timesteps,
+    guidance.sample(guidance.guided(base.model, w.to(device), cond, null, base.cfg_channels), x, base.scheduler, timesteps,
                     generator=generator, callback=keep_step)
     n, B = len(rows), len(idx)
     shard = {
@@ -139,6 +139,46 @@ def make_shard(base, plan, k, capped=True):
         part = slice(start, start + batch)
         parts.append(collect_shard(base, plan, idx[part], w[part], g, negatives[part] if negatives else None))
     return concat_shards(parts)
+
+
+@torch.no_grad()
+def standard_shard(base, plan, k, images, labels):
+    """Shard k of "standard" pairs instead of trajectories: real images noised by the forward process,
+    with the base's CFG output there as the target (the guidance distillation data of Meng et al.
+    2023, against which AGD trains on CFG's own trajectories).
+
+    Row for row it mirrors make_shard: trajectory i asks for class i mod the number of classes (a real
+    image of that class), w ~ U[w_min, w_max], and one row at each timestep the sampler visits (or the
+    kept ones), so that only where x_t comes from differs.
+    """
+    device = next(base.model.parameters()).device
+    g = torch.Generator().manual_seed(plan.seed * 100003 + k)
+    idx = torch.arange(k * plan.shard_size, min((k + 1) * plan.shard_size, plan.trajectories))
+    w = plan.w_min + (plan.w_max - plan.w_min) * torch.rand(len(idx), generator=g)
+    y = idx % base.model.config.num_classes
+    of_class = [torch.nonzero(labels == c).flatten() for c in range(base.model.config.num_classes)]
+    x0 = torch.stack([images[of_class[c][torch.randint(len(of_class[c]), (1,), generator=g)].item()]
+                      for c in y.tolist()]).to(device)  # (B, C, H, W)
+    timesteps = base.scheduler.timesteps(plan.steps)
+    kept = [timesteps[i].item() for i in keep_indices(len(timesteps), plan.keep_steps)]
+    cond, null = base.encode(y.to(device)), base.null(len(idx))
+    denoise = guidance.guided(base.model, w.to(device), cond, null, base.cfg_channels)
+    xs, targets = [], []
+    for t in kept:
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        tt = torch.full((len(idx),), t, device=device)
+        x_t = guidance.add_noise(base.scheduler.schedule, x0, tt, noise).half().float()  # as stored: the pair exact
+        xs.append(x_t.half().cpu())
+        targets.append(denoise(x_t, tt).half().cpu())
+    n = len(kept)
+    return {"x": torch.cat(xs), "t": torch.tensor(kept).repeat_interleave(len(idx)), "target": torch.cat(targets),
+            "w": w.repeat(n), "traj": torch.arange(len(idx)).repeat(n), "cond.y": y}
+
+
+def keep_rows(data, timesteps):
+    """The rows of collected data at the given timesteps only (a smaller --keep-steps of the same trajectories)."""
+    rows = torch.isin(data["t"], torch.as_tensor(list(timesteps)))
+    return {k: v[rows] if k in ("x", "t", "target", "w", "traj") else v for k, v in data.items()}
 
 
 def trajectory_bytes(shape, out_channels, keep, cond_bytes):
