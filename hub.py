@@ -37,7 +37,7 @@ PAPER = ('Jensen & Sadat, "Efficient Distillation of Classifier-Free Guidance us
 
 
 def split_hub_id(hub_id):
-    """"user/repo" -> ("user/repo", "adapters.safetensors"); "user/repo/a/b.safetensors" -> ("user/repo", "a/b.safetensors")."""
+    """A hub id as (repo, file): user/repo -> its adapters.safetensors; user/repo/a/b.safetensors -> a/b.safetensors."""
     parts = str(hub_id).split("/")
     if str(hub_id).startswith((".", "/", "~")) or len(parts) < 2 or not HUB_ID.fullmatch("/".join(parts[:2])):
         raise checkpoint.CheckpointError(f"{hub_id}: no such file or folder, and not a hub id "
