@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import hub
 
 FORMAT = "agd-adapters/1"  # metadata tag of the saved file
 
@@ -410,7 +411,9 @@ def attach(model, sites=None, **options):
 
 
 def read_config(path):
-    """The AdapterConfig stored in a saved adapters file (files of before the explicit placement too)."""
+    """The AdapterConfig stored in a saved adapters file (files of before the explicit placement too);
+    `path` may be a hub id (hub.resolve_adapters)."""
+    path = hub.resolve_adapters(path)
     meta = checkpoint.read_metadata(path)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise checkpoint.CheckpointError(f"{path}: not an adapters file (metadata has no {FORMAT!r} config)")
@@ -423,7 +426,9 @@ def read_config(path):
 
 
 def load(model, path):
-    """Rebuild a student from `student.save(path)` on `model` (the base, or a fine-tune of it)."""
+    """Rebuild a student from `student.save(path)` on `model` (the base, or a fine-tune of it); `path`: a
+    file, a training run's folder, or a hub id, "user/repo" or "user/repo/file.safetensors"."""
+    path = hub.resolve_adapters(path)
     cfg = read_config(path)
     made_for = checkpoint.read_metadata(path).get("model")  # absent in files of before it was recorded
     if made_for is not None and made_for != type(model).__name__:

@@ -5,6 +5,7 @@ The pipeline folders are read-only by agreement: a test that needs a variant cop
 (shutil.copytree) and changes the copy.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests reaches the network, hub ids included
 
 
 @pytest.fixture(scope="session")

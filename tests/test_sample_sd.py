@@ -240,7 +240,7 @@ def sdxl_adapters(file, pipelines):
     (["--adapters", "SDXL"], r"sdxl\.safetensors: missing key down_blocks\.0\.attentions\.0\.transformer_blocks\.0"
                              r"\.attn2\.condition\."),
     (["--adapters", "DIT"], r"dit\.safetensors: these adapters do not fit .*sd21 \(adapters for a DiT, not a UNet\)"),
-    (["--adapters", "no/such/agd.safetensors"], r"agd\.safetensors: missing$"),
+    (["--adapters", "no/such/agd.safetensors"], r"agd\.safetensors: not in the hub cache .* no such local file either$"),
     (["--adapters", "UNET"], "diffusion_pytorch_model.safetensors: not an adapters file"),
     (["--height", "15"], "--height 15: not a multiple of 2, the autoencoder's downsampling factor"),
     (["--height", "16", "--width", "9"], "--width 9: not a multiple of 2"),
