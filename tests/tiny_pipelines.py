@@ -14,7 +14,9 @@ tokenizer folders hold vocab.json + merges.txt + special-token files (transforme
 tokenizer.json), and a CLIPTextModel's keys carry the text_model. prefix (transformers 5 drops it).
 """
 
+import json
 import shutil
+import string
 from pathlib import Path
 
 import torch
@@ -104,3 +106,39 @@ def make_sdxl(tmp_path, force_zeros_for_empty_prompt=True):
     pipe.save_pretrained(root)
     _hub_layout(root, {"tokenizer": PAD_EOT, "tokenizer_2": PAD_BANG}, ["text_encoder"])
     return root
+
+
+# -----------------------------------------------------------------------------
+# T5's tokenizer, small
+#
+# The hub's tokenizer_3/ holds a tokenizer.json (a Unigram model over SentencePiece pieces, with
+# T5's pre-tokenizer and "$A </s>" post-processor), tokenizer_config.json and special_tokens_map.json.
+# transformers builds the same structure around any vocabulary: a few hundred pieces here.
+
+T5_WORDS = ("a photo of an astronaut riding horse on the moon red cat dog painting blue sky with "
+            "in style oil portrait").split()
+
+
+def make_t5_tokenizer(folder):
+    """A T5 tokenizer folder in the hub's layout, whose vocabulary is T5's specials, some words and single characters."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]  # ids 0, 1, 2 as in T5's
+    pieces += [("\u2581" + w, -3.0 - 0.1 * i) for i, w in enumerate(T5_WORDS)]
+    pieces += [(c, -6.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("\u2581" + c, -6.5) for c in string.ascii_letters + string.digits]
+    unique = {}  # each piece once, where it first comes ("\u2581a" is a word and a letter)
+    for piece, score in pieces:
+        unique.setdefault(piece, score)
+    pieces = list(unique.items())
+    folder = Path(folder)
+    T5TokenizerFast(vocab=pieces, extra_ids=100).save_pretrained(folder)
+    # the hub's side files (written by transformers 4), in place of transformers 5's own
+    extra = [f"<extra_id_{i}>" for i in range(100)]
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"additional_special_tokens": extra, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"additional_special_tokens": extra, "clean_up_tokenization_spaces": True, "eos_token": "</s>",
+         "extra_ids": 100, "legacy": True, "model_max_length": 512, "pad_token": "<pad>", "sp_model_kwargs": {},
+         "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"}, indent=2))
+    return folder
