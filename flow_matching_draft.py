@@ -110,6 +110,7 @@ def flow_scheduler_options(config, source="scheduler_config.json"):
         if key not in _INERT:
             raise ValueError(f"{source}: {key} is not a FlowMatchEulerDiscreteScheduler option this sampler knows")
         if value != _INERT[key]:
-            raise ValueError(f"{source}: {key}={value!r} is not supported (this sampler implements {key}={_INERT[key]!r})")
+            raise ValueError(f"{source}: {key}={value!r} is not supported "
+                             f"(this sampler implements {key}={_INERT[key]!r})")
     return dict(shift=float(config.get("shift", 1.0)),
                 num_train_timesteps=int(config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)))

@@ -44,7 +44,7 @@ TIME_FEATURES = 256  # sinusoidal features of the timestep (diffusers' CombinedT
 
 @dataclass
 class MMDiTConfig:
-    """The hub's transformer/config.json, in diffusers' names; defaults are diffusers' (a file omits keys at their default)."""
+    """The hub's transformer/config.json in diffusers' names; defaults are diffusers' (files omit keys at them)."""
 
     sample_size: int = 128                # latent side at the native resolution (1024 px / 8); informational
     patch_size: int = 2                   # p: tokens are p x p patches of the latent grid
@@ -67,8 +67,9 @@ class MMDiTConfig:
         if self.qk_norm not in (None, "rms_norm"):
             raise ValueError(f"qk_norm: {self.qk_norm!r} is not supported (None or 'rms_norm', as SD3 and SD3.5)")
         if self.caption_projection_dim != self.hidden_size:
-            raise ValueError(f"caption_projection_dim {self.caption_projection_dim} must equal num_attention_heads x "
-                             f"attention_head_dim = {self.hidden_size}: the text tokens join the image tokens' attention")
+            raise ValueError(f"caption_projection_dim {self.caption_projection_dim} must equal num_attention_heads "
+                             f"x attention_head_dim = {self.hidden_size}: the text tokens join the image tokens' "
+                             "attention")
         outside = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
         if outside:
             raise ValueError(f"dual_attention_layers: block {outside[0]} is not one of the {self.num_layers} blocks")
@@ -79,7 +80,7 @@ class MMDiTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Config from a config.json dict, refusing what is not an SD3Transformer2DModel or an option this file lacks."""
+        """Config from a config.json dict, refusing other models and options this file lacks."""
         if d.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
             raise ValueError(f"_class_name is {d['_class_name']}, expected SD3Transformer2DModel (SD3 / SD3.5's MMDiT)")
         known = {f.name for f in fields(cls)}
@@ -271,7 +272,7 @@ class JointAttention(nn.Module):
         self.to_add_out = nn.Linear(D, D) if context_out else None
 
     def forward(self, x, context):
-        """(image tokens (B, T, D), text tokens (B, L, D)) -> (image output (B, T, D), text output (B, L, D) or None)."""
+        """(image tokens (B, T, D), text tokens (B, L, D)) -> (image out (B, T, D), text out (B, L, D) or None)."""
         (B, T, D), L = x.shape, context.shape[1]
         q = torch.cat([heads(x, self.to_q, self.norm_q, self.nh),
                        heads(context, self.add_q_proj, self.norm_added_q, self.nh)], dim=2)  # (B, nh, T+L, hs)
@@ -304,7 +305,7 @@ class JointBlock(nn.Module):
         self.ff_context = None if context_pre_only else FeedForward(D)
 
     def forward(self, x, context, emb):
-        """(image tokens (B, T, D), text tokens (B, L, D), condition (B, D)) -> the same two, updated (text: None if last)."""
+        """(image tokens (B, T, D), text tokens (B, L, D), condition (B, D)) -> both updated (text: None if last)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, *dual = self.norm1(emb)
         normed = layer_norm(x)
         if self.context_pre_only:  # diffusers' AdaLayerNormContinuous: (scale, shift), in that order
@@ -358,7 +359,7 @@ class MMDiT(nn.Module):
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, h * p, w * p)
 
     def forward(self, x, t, context, pooled):
-        """Velocity (B, C, H, W) at latents x (B, C, H, W), timesteps t = 1000 sigma, tokens (B, L, E), pooled (B, P)."""
+        """Velocity (B, C, H, W) at latents x (B, C, H, W), timesteps t = 1000 sigma, text (B, L, E), pooled (B, P)."""
         dtype = self.proj_out.weight.dtype  # the model runs in its weights' dtype; inputs are cast to it
         B, _, H, W = x.shape
         t = torch.as_tensor(t, device=x.device)
@@ -382,8 +383,9 @@ class MMDiT(nn.Module):
 
 
 def _preset(num_layers, pos_embed_max_size, **kw):
-    return lambda: MMDiTConfig(num_layers=num_layers, num_attention_heads=num_layers, pos_embed_max_size=pos_embed_max_size,
-                               caption_projection_dim=64 * num_layers, **kw)
+    # sized by depth d alone: d heads of 64, so D = 64 d (Esser et al. 2024, their scaling study)
+    return lambda: MMDiTConfig(num_layers=num_layers, num_attention_heads=num_layers,
+                               caption_projection_dim=64 * num_layers, pos_embed_max_size=pos_embed_max_size, **kw)
 
 
 PRESETS = {

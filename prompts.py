@@ -166,7 +166,11 @@ class SD3PromptEncoder(nn.Module):
         joint_attention_dim = _repo_json(path_or_repo_id, "transformer/config.json").get("joint_attention_dim", 4096)
 
         def encoder(subfolder):  # frozen: AGD never trains the text encoders
-            return TextEncoder.from_pretrained(path_or_repo_id, subfolder, dtype, device, variant).requires_grad_(False)
+            model = TextEncoder.from_pretrained(path_or_repo_id, subfolder, dtype, device, variant)
+            if not model.config.with_projection:  # SD3 pools both towers' projected states
+                raise checkpoint.CheckpointError(f"{path_or_repo_id}: {subfolder} is not a CLIPTextModelWithProjection "
+                                                 "(its config.json's architectures), as SD3's text encoders are")
+            return model.requires_grad_(False)
 
         parts = dict(tokenizer=Tokenizer.from_pretrained(path_or_repo_id, "tokenizer"),
                      text_encoder=encoder("text_encoder"),
@@ -176,8 +180,8 @@ class SD3PromptEncoder(nn.Module):
         if t5:
             text_encoder_3 = T5Encoder.from_pretrained(path_or_repo_id, "text_encoder_3", dtype, device, variant)
             if text_encoder_3.config.d_model != joint_attention_dim:
-                raise checkpoint.CheckpointError(f"{path_or_repo_id}: text_encoder_3 is {text_encoder_3.config.d_model} "
-                                                 f"wide, the transformer's joint_attention_dim {joint_attention_dim}")
+                raise checkpoint.CheckpointError(f"{path_or_repo_id}: text_encoder_3 is {text_encoder_3.config.d_model}"
+                                                 f" wide, the transformer's joint_attention_dim {joint_attention_dim}")
             parts.update(tokenizer_3=T5Tokenizer.from_pretrained(path_or_repo_id, "tokenizer_3",
                                                                  parts["max_sequence_length"]),
                          text_encoder_3=text_encoder_3.requires_grad_(False))

@@ -207,7 +207,7 @@ class Attention(nn.Module):
 
     def forward(self, x, bias):
         B, L, _ = x.shape
-        q, k, v = (proj(x).view(B, L, self.nh, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, nh, L, hs)
+        q, k, v = (p(x).view(B, L, self.nh, -1).transpose(1, 2) for p in (self.q, self.k, self.v))  # (B, nh, L, hs)
         # no 1/sqrt(hs): T5's initialization of q absorbs it (Mesh TensorFlow); no mask: SD3 attends to the pads too
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)  # (B, nh, L, hs)
         return self.o(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
@@ -274,7 +274,8 @@ class Stack(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.block = nn.ModuleList([Block(config, has_relative_attention_bias=i == 0) for i in range(config.num_layers)])
+        self.block = nn.ModuleList([Block(config, has_relative_attention_bias=i == 0)
+                                    for i in range(config.num_layers)])
         self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
 
 
@@ -327,7 +328,8 @@ def official_keys(tensors, source="state dict"):
     tied = tensors.pop("encoder.embed_tokens.weight", None)
     if tied is not None:
         shared = tensors.setdefault("shared.weight", tied)
-        if shared is not tied and (shared.shape != tied.shape or (not shared.is_meta and not torch.equal(shared, tied))):
+        differs = shared.shape != tied.shape or (not shared.is_meta and not torch.equal(shared, tied))
+        if shared is not tied and differs:
             raise checkpoint.CheckpointError(f"{source}: encoder.embed_tokens.weight differs from shared.weight "
                                              "(T5 ties them: one table)")
     return tensors

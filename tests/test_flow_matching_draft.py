@@ -1,4 +1,4 @@
-"""flow_matching_draft.py against diffusers' FlowMatchEulerDiscreteScheduler: sigmas, timesteps, steps, noising, loop."""
+"""flow_matching_draft.py against diffusers' FlowMatchEulerDiscreteScheduler: sigmas, timesteps, steps, loop."""
 
 import pytest
 import torch

@@ -6,6 +6,9 @@
   16-channel autoencoder give the pipeline's images from the same initial latents, to 1e-4.
 """
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -83,15 +86,20 @@ def test_prompt_to_image_matches_the_pipeline(sd3_root, sd35_root, name, t5, w):
     assert expected.std() > 0.05  # an image, not a constant
 
 
-def test_an_sdxl_repo_is_refused(sdxl_root, sd3_root, tmp_path):
+def edit_config(file, **changes):
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def test_repos_that_are_not_sd3_are_refused(sdxl_root, sd3_root, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="expected SD3 or SD3.5"):
         prompts.SD3PromptEncoder.from_pretrained(sdxl_root)
-    import json
-    import shutil
     root = tmp_path / "sd3"
     shutil.copytree(sd3_root, root)
-    config = json.loads((root / "transformer" / "config.json").read_text())
-    (root / "transformer" / "config.json").write_text(json.dumps({**config, "joint_attention_dim": 128}))
+    edit_config(root / "transformer" / "config.json", joint_attention_dim=128)  # T5 does not fit the transformer
     with pytest.raises(checkpoint.CheckpointError, match="text_encoder_3 is 96 wide, the transformer's "
                                                          "joint_attention_dim 128"):
         prompts.SD3PromptEncoder.from_pretrained(root)
+    shutil.rmtree(root / "text_encoder_2")
+    shutil.copytree(sdxl_root / "text_encoder", root / "text_encoder_2")  # a CLIPTextModel: no projection
+    with pytest.raises(checkpoint.CheckpointError, match="text_encoder_2 is not a CLIPTextModelWithProjection"):
+        prompts.SD3PromptEncoder.from_pretrained(root, t5=False)

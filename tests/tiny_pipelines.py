@@ -122,7 +122,7 @@ T5_WORDS = ("a photo of an astronaut riding horse on the moon red cat dog painti
 
 
 def make_t5_tokenizer(folder):
-    """A T5 tokenizer folder in the hub's layout, whose vocabulary is T5's specials, some words and single characters."""
+    """A T5 tokenizer folder in the hub's layout; its vocabulary: T5's specials, some words, single characters."""
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]  # ids 0, 1, 2 as in T5's
@@ -138,7 +138,8 @@ def make_t5_tokenizer(folder):
     # the hub's side files (written by transformers 4), in place of transformers 5's own
     extra = [f"<extra_id_{i}>" for i in range(100)]
     (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"additional_special_tokens": extra, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}, indent=2))
+        {"additional_special_tokens": extra, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+        indent=2))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"additional_special_tokens": extra, "clean_up_tokenization_spaces": True, "eos_token": "</s>",
          "extra_ids": 100, "legacy": True, "model_max_length": 512, "pad_token": "<pad>", "sp_model_kwargs": {},
