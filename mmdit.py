@@ -314,8 +314,8 @@ class JointBlock(nn.Module):
         else:
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(emb)
             c_in = modulate(layer_norm(context), c_shift_msa, c_scale_msa)
-        # adapters hook attn by name: its first argument is the modulated image stream, its output[0]
-        # is added to it
+        # adapters hook attn by name: its first argument is the modulated image stream, and its
+        # output[0], the image stream's attention output, is what they add to (before the gate)
         x_attn, c_attn = self.attn(modulate(normed, shift_msa, scale_msa), c_in)
         x = x + gate_msa[:, None] * x_attn
         if self.attn2 is not None:  # SD3.5's second attention reads the same normed tokens, not the updated x

@@ -117,6 +117,17 @@ def test_fp16_infinities_are_clamped():
     assert t5.clamp_fp16(torch.tensor([float("inf")])).isinf().all()  # only fp16
 
 
+def test_sharded_checkpoint_loads(saved, tmp_path):
+    """The hub stores T5-XXL in shards with an index (model.safetensors.index.json), as transformers writes them."""
+    ref, _ = saved["narrow-heads"]
+    ref.save_pretrained(tmp_path / "text_encoder_3", max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "text_encoder_3").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "text_encoder_3" / "model.safetensors.index.json").is_file()
+    x = ids(2, 11)
+    with torch.no_grad():
+        assert max_rel_err(t5.T5Encoder.from_pretrained(tmp_path)(x), ref(x).last_hidden_state) <= 1e-5
+
+
 def test_tied_embedding_read_once(saved, tmp_path):
     ref, root = saved["narrow-heads"]
     folder = tmp_path / "text_encoder_3"
