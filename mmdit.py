@@ -391,7 +391,7 @@ def _preset(num_layers, pos_embed_max_size, **kw):
 PRESETS = {
     # stabilityai/stable-diffusion-3-medium-diffusers: 2.0 B parameters
     "sd3-medium": _preset(24, 192),
-    # stabilityai/stable-diffusion-3.5-medium: MMDiT-X, 2.2 B parameters; positions for up to 3072 px
+    # stabilityai/stable-diffusion-3.5-medium: MMDiT-X, 2.2 B parameters; positions for 384 x 384 patches (SD3: 192)
     "sd3.5-medium": _preset(24, 384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
     # stabilityai/stable-diffusion-3.5-large (and -large-turbo, the same config): 8.1 B parameters
     "sd3.5-large": _preset(38, 192, qk_norm="rms_norm"),
