@@ -30,3 +30,19 @@ def sdxl_root(tmp_path_factory):
     from tiny_pipelines import make_sdxl
 
     return make_sdxl(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(scope="session")
+def sd3_root(tmp_path_factory):
+    """A tiny random SD3 pipeline in the hub layout (tiny_pipelines.make_sd3)."""
+    from tiny_pipelines import make_sd3
+
+    return make_sd3(tmp_path_factory.mktemp("sd3"))
+
+
+@pytest.fixture(scope="session")
+def sd35_root(tmp_path_factory):
+    """A tiny random SD3.5-like pipeline: q / k RMSNorm and a dual-attention block (tiny_pipelines.make_sd3)."""
+    from tiny_pipelines import make_sd3
+
+    return make_sd3(tmp_path_factory.mktemp("sd35"), sd35=True)
