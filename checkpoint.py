@@ -150,12 +150,13 @@ def _header(file):
     return header, metadata, 8 + n
 
 
-def read_tensors(files_or_folder, dtype=None, device=None, variant=None):
+def read_tensors(files_or_folder, dtype=None, device=None, variant=None, keep_fp32=None):
     """All tensors of one or more safetensors files; floating ones cast to `dtype` one at a time.
 
     Each tensor is read into its own buffer with a plain `readinto` and cast at once, so an fp32
     file loads as bf16 holding little more than the bf16 weights: no fp32 copy, and no
     memory-mapped file whose touched pages would all count as resident until it is closed.
+    `keep_fp32(key) -> bool` names floating tensors read as fp32 instead (T5's `wo` in fp16).
     """
     if isinstance(files_or_folder, (str, Path)) and Path(files_or_folder).is_dir():
         files = weight_files(files_or_folder, variant)
@@ -176,7 +177,7 @@ def read_tensors(files_or_folder, dtype=None, device=None, variant=None):
                 f.readinto(buffer.numpy())
                 t = buffer.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
                 if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
+                    t = t.to(torch.float32 if keep_fp32 is not None and keep_fp32(key) else dtype)
                 tensors[key] = t.to(device) if device is not None else t
     return tensors
 

@@ -137,7 +137,8 @@ def holder_is_gone(holder):
 
 def flag(key):
     """An option's name as the CLI spells it."""
-    return "the prompts of --prompt-file" if key == "prompts" else "--" + key.replace("_", "-")
+    files = {"prompts": "the prompts of --prompt-file", "negative_prompts": "the prompts of --negative-prompt-file"}
+    return files.get(key, "--" + key.replace("_", "-"))
 
 
 def check_options(folder, options, fixed, write=True):

