@@ -126,8 +126,8 @@ def save_state(file, student, opt, sched, step, losses, scaler=None, with_base=F
 
 def non_finite(loss, params, world):
     """What of this step is not finite: "" (nothing), the loss or a gradient; under torchrun, on any rank."""
-    grads = [p.grad for p in params if p.grad is not None]
-    bad = torch.stack([~torch.isfinite(loss), ~torch.stack([torch.isfinite(g).all() for g in grads]).all()])
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # foreach: few kernels
+    bad = ~torch.isfinite(torch.stack([loss.detach().float(), norm]))  # a NaN or inf anywhere makes the norm one
     if world > 1:
         bad = bad.float()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
