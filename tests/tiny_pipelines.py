@@ -61,9 +61,11 @@ def _tiny_vae(scaling_factor, force_upcast):
                          scaling_factor=scaling_factor, force_upcast=force_upcast)
 
 
-def _hub_layout(root, tokenizers, clip_text_models, scheduler):
-    """Rewrite what save_pretrained wrote into the hub's layout (see the module docstring)."""
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+def _hub_layout(root, tokenizers, clip_text_models, scheduler=None):
+    """Rewrite what save_pretrained wrote into the hub's layout (see the module docstring); `scheduler`: the
+    hub repo's scheduler config, verbatim, in place of the one diffusers wrote."""
+    if scheduler is not None:
+        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     for name, source in tokenizers.items():
         shutil.rmtree(root / name)
         shutil.copytree(source, root / name, copy_function=shutil.copyfile)  # assets are read-only
