@@ -178,7 +178,7 @@ class Term:
     """One low-rank update of one module's weight."""
 
     component: str  # the model it changes: "unet", "text_encoder", "text_encoder_2", "transformer"
-    name: str  # the module's name in the file (kohya's with "." for "_" where it is ours)
+    name: str  # the module's name in the file, less its prefix (kohya's: "_" for ".")
     target: Target  # the module of ours, and its rows
     down: torch.Tensor  # (r, in[, kh, kw])
     up: torch.Tensor  # (rows, r[, 1, 1])
@@ -201,21 +201,25 @@ OLD_NAMES = {"unet": {"to_out": "to_out.0"}, "text": {"to_q": "q_proj", "to_k": 
 
 
 def _parse_key(key):
-    """A file's key -> (component, module name, kohya's flat spelling?, role), role None if not a LoRA tensor."""
+    """A file's key -> (component, module name, kohya's flat spelling?, role).
+
+    component None: the key has no prefix (diffusers' oldest files, and a model's own save_lora_adapter);
+    role None: not a LoRA tensor.
+    """
     for prefix, component in KOHYA_PREFIXES.items():
         if key.startswith(prefix):
             name, _, rest = key[len(prefix):].partition(".")
             return component, name, True, KOHYA_ROLES.get(rest)
     component, _, rest = key.partition(".")
-    if component not in COMPONENTS:  # diffusers' oldest files: the UNet's attention processors, unprefixed
-        component, rest = "unet", key
+    if component not in COMPONENTS:
+        component, rest = None, key
     rest = rest.replace(".processor.", ".")
     for end, role in PEFT_ROLES:
         if rest.endswith(end):
             name = rest[: -len(end)]
             if end.startswith("_lora."):
                 head, _, last = name.rpartition(".")
-                last = OLD_NAMES["unet" if component == "unet" else "text"].get(last, last)
+                last = OLD_NAMES["text" if component in ("text_encoder", "text_encoder_2") else "unet"].get(last, last)
                 name = f"{head}.{last}"
             return component, name, False, role
     return component, rest, False, None
@@ -273,9 +277,12 @@ def read(file, models, multiplier=1.0):
     names = {c: targets(m) for c, m in models.items()}
     flat = {c: _flat(t) for c, t in names.items()}
 
+    # unprefixed keys are the one model's, if one is given, else the UNet's (diffusers' attention processors)
+    alone = next(iter(models)) if len(models) == 1 else "unet"
     groups = {}  # (component, name, flat) -> {role: (key, tensor)}
     for key, tensor in tensors.items():
         component, name, is_flat, role = _parse_key(key)
+        component = component or alone
         if role is None:
             raise Error(f"{file}: key {key} is not a LoRA tensor this reader knows (plain LoRA and LoCon only: "
                         "lora_down / lora_up / alpha, lora_A / lora_B; not DoRA, LoHa, LoKr or LoCon's lora_mid)")
@@ -472,7 +479,7 @@ def train(applied, loss, steps, lr=1e-3, desc="LoRA"):
 
 
 def save(applied, file):
-    """A run-time LoRA in peft's format as diffusers writes it: `<component>.<name>.lora_A.weight` /
+    """A LoRA made by `attach` in peft's format as diffusers writes it: `<component>.<name>.lora_A.weight` /
     `.lora_B.weight`, with r and lora_alpha in the metadata (lora_adapter_metadata)."""
     tensors, config = {}, {}
     for t, layer in zip(applied.terms, applied.layers):

@@ -219,6 +219,11 @@ def test_dit_peft_lora_matches_peft(tmp_path):
         tensors[f"transformer.{name}.lora_B.weight"] = up * 0.1
     file = tmp_path / "dit-lora.safetensors"
     checkpoint.save_file(tensors, file)
+    # a model's own save_lora_adapter writes the keys unprefixed: the one model given is theirs
+    unprefixed = tmp_path / "unprefixed.safetensors"
+    checkpoint.save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, unprefixed)
+    a, b = (lora.read(f, {"transformer": ours_model}) for f in (file, unprefixed))
+    assert [(t.target, t.key.removeprefix("transformer.")) for t in a] == [(t.target, t.key) for t in b]
     inject_adapter_in_model(LoraConfig(r=3, lora_alpha=6, target_modules=names), theirs)
     set_peft_model_state_dict(theirs, {k.removeprefix("transformer."): v for k, v in tensors.items()})
 
@@ -270,11 +275,15 @@ def test_trained_dit_lora_saves_and_reads_back(tmp_path):
 
 
 def test_sd15_lora_on_sdxl_names_the_key(sd15_root, sdxl_root, tmp_path):
-    file = make_lora(sd15_root, "kohya", tmp_path / "sd15.safetensors", seed=7, components=("unet",))
+    """Its text keys fit SDXL's first tower (both OpenAI's CLIP), its UNet keys do not: nothing is applied."""
+    file = make_lora(sd15_root, "kohya", tmp_path / "sd15.safetensors", seed=7)
+    models = ours(sdxl_root)
+    before = {k: v.clone() for k, v in models["text_encoder"].state_dict().items()}
     with pytest.raises(checkpoint.CheckpointError) as e:
-        lora.apply({"unet": unet.from_pretrained(sdxl_root)}, [(file, 1.0)])
+        lora.apply(models, [(file, 1.0)])
     message = str(e.value)
     assert "\n" not in message and "key lora_unet_" in message and "a LoRA of another model?" in message
+    assert all(torch.equal(v, before[k]) for k, v in models["text_encoder"].state_dict().items())
 
 
 def test_shape_mismatch_names_the_key(sdxl_root, tmp_path):
