@@ -463,8 +463,8 @@ def train(applied, loss, steps, lr=1e-3, desc="LoRA"):
     """
     params = list(applied.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    # at least two warm-up steps: OneCycleLR divides by their number less one
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2 / steps))
+    # warm-up over 1.5 steps at least: OneCycleLR divides by their number less one, and by the rest
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 1.5 / steps))
     bar = tqdm(range(steps), desc=desc)
     for step in bar:
         value = loss()

@@ -329,3 +329,20 @@ def test_parse_spec(tmp_path):
         with pytest.raises(checkpoint.CheckpointError, match="expected FILE\\[:MULTIPLIER\\]") as e:
             lora.parse_spec(bad)
         assert "\n" not in str(e.value)
+
+
+def test_tiny_finetune_lora_writes_a_peft_file(tmp_path):
+    """`python tiny.py finetune --lora RANK`: the LoRA alone, peft's names, loadable onto the teacher; teacher unchanged."""
+    import tiny
+
+    out = tmp_path / "thick-lora"
+    tiny.main(tiny.parse_args(["finetune", "--lora", "2", "--steps", "2", "--batch-size", "4", "--out", str(out)]))
+    file = out / "pytorch_lora_weights.safetensors"
+    assert "finetune --style thick --steps 2 --batch-size 4 --lora 2" in (out / "README.md").read_text()
+    tensors = checkpoint.read_tensors(file)
+    teacher = tiny.load_teacher()
+    assert len(tensors) == 2 * len(lora.dit_modules(teacher))
+    assert tensors["transformer.transformer_blocks.3.ff.net.2.lora_A.weight"].shape == (2, 512)
+    terms = lora.read(file, {"transformer": teacher})
+    assert {t.scale for t in terms} == {1.0} and any(t.target.rows == slice(128, 256) for t in terms)  # to_k
+    assert any(t.up.abs().max() > 0 for t in terms)  # trained: the zero-initialized ups moved
