@@ -3,6 +3,7 @@ SD 1.5, SD 2.1 and SDXL pipelines, with random LoRA files in each format (tests/
 kohya-ss's alpha rule by hand where diffusers approximates it; DiT LoRAs against peft on diffusers'
 DiT; exact unfusing; and one-line errors for bad input."""
 
+import json
 import shutil
 
 import pytest
@@ -217,13 +218,18 @@ def test_dit_peft_lora_matches_peft(tmp_path):
         tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(3, *shape_in, generator=g) * 0.1
         up = torch.randn(out, 3, *[1] * (len(shape_in) - 1), generator=g)  # a 1x1 up for the conv
         tensors[f"transformer.{name}.lora_B.weight"] = up * 0.1
-    file = tmp_path / "dit-lora.safetensors"
-    checkpoint.save_file(tensors, file)
-    # a model's own save_lora_adapter writes the keys unprefixed: the one model given is theirs
-    unprefixed = tmp_path / "unprefixed.safetensors"
-    checkpoint.save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, unprefixed)
+    # peft's scale lora_alpha / r = 2, in the metadata as diffusers writes it: prefixed for a pipeline,
+    # unprefixed for a model's own save_lora_adapter, whose keys are unprefixed too
+    file, unprefixed = tmp_path / "dit-lora.safetensors", tmp_path / "unprefixed.safetensors"
+    config = {"r": 3, "lora_alpha": 6, "target_modules": names}
+    checkpoint.save_file(tensors, file, metadata={"lora_adapter_metadata": json.dumps(
+        {f"transformer.{k}": v for k, v in config.items()})})
+    checkpoint.save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, unprefixed,
+                         metadata={"lora_adapter_metadata": json.dumps(config)})
     a, b = (lora.read(f, {"transformer": ours_model}) for f in (file, unprefixed))
-    assert [(t.target, t.key.removeprefix("transformer.")) for t in a] == [(t.target, t.key) for t in b]
+    assert {t.scale for t in a} == {2.0}
+    assert [(t.target, t.scale, t.key) for t in b] == [(t.target, t.scale, t.key.removeprefix("transformer."))
+                                                       for t in a]
     inject_adapter_in_model(LoraConfig(r=3, lora_alpha=6, target_modules=names), theirs)
     set_peft_model_state_dict(theirs, {k.removeprefix("transformer."): v for k, v in tensors.items()})
 
@@ -231,12 +237,11 @@ def test_dit_peft_lora_matches_peft(tmp_path):
     with torch.no_grad():
         reference = theirs(x, timestep=t, class_labels=y).sample
         base = ours_model(x, t, y)
-        # peft's scale is lora_alpha / r = 2 for every module; ours from the file alone would be 1: 2 as a multiplier
-        applied = lora.apply({"transformer": ours_model}, [(file, 2.0)], fuse=False)
+        applied = lora.apply({"transformer": ours_model}, [(file, 1.0)], fuse=False)
         got = ours_model(x, t, y)
         applied.remove()
         assert torch.equal(ours_model(x, t, y), base)
-        applied = lora.apply({"transformer": ours_model}, [(file, 2.0)], fuse=True)
+        applied = lora.apply({"transformer": ours_model}, [(unprefixed, 1.0)], fuse=True)
         fused = ours_model(x, t, y)
     assert max_rel_err(base, reference) > 1e-2
     assert max_rel_err(got, reference) < 1e-5
@@ -332,7 +337,7 @@ def test_parse_spec(tmp_path):
 
 
 def test_tiny_finetune_lora_writes_a_peft_file(tmp_path):
-    """`python tiny.py finetune --lora RANK`: the LoRA alone, peft's names, loadable onto the teacher; teacher unchanged."""
+    """`python tiny.py finetune --lora RANK`: the LoRA alone, in peft's names, loadable onto the teacher."""
     import tiny
 
     out = tmp_path / "thick-lora"
