@@ -243,6 +243,8 @@ def test_dit_peft_lora_matches_peft(tmp_path):
         assert torch.equal(ours_model(x, t, y), base)
         applied = lora.apply({"transformer": ours_model}, [(unprefixed, 1.0)], fuse=True)
         fused = ours_model(x, t, y)
+        applied.remove()
+        assert torch.equal(ours_model(x, t, y), base)
     assert max_rel_err(base, reference) > 1e-2
     assert max_rel_err(got, reference) < 1e-5
     assert max_rel_err(fused, got) < 1e-5
