@@ -136,14 +136,13 @@ def write(tensors, fmt, component, path, down, up, alpha):
     elif fmt == "peft":
         tensors[f"{component}.{path}.lora_A.weight"], tensors[f"{component}.{path}.lora_B.weight"] = down, up
     elif fmt == "diffusers_old":  # attention layers by processor name, the rest as LoRACompatibleLinear / Conv
-        head, _, last = path.rpartition(".")
-        if component == "unet" and last in ("to_q", "to_k", "to_v") or path.endswith(".to_out.0"):
-            head, last = (path[: -len(".to_out.0")], "to_out") if path.endswith(".to_out.0") else (head, last)
+        head, _, last = path.removesuffix(".0").rpartition(".")  # to_out.0 -> to_out
+        if component == "unet" and last in ("to_q", "to_k", "to_v", "to_out"):
             name = f"{component}.{head}.processor.{last}_lora"
         elif component != "unet" and last in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            name = f"{component}.{head}.to_{last.split('_')[0]}_lora"
+            name = f"{component}.{head}.to_{last.removesuffix('_proj')}_lora"
         else:
-            name = f"{component}.{path}.lora" if component == "unet" else f"{component}.{path}.lora_linear_layer"
+            name = f"{component}.{path}." + ("lora" if component == "unet" else "lora_linear_layer")
         tensors[f"{name}.down.weight"], tensors[f"{name}.up.weight"] = down, up
     else:
         raise ValueError(fmt)
