@@ -151,6 +151,38 @@ def test_sgm_and_diffusers_names_read_alike(sdxl_root, tmp_path):
         assert torch.equal(a.down, b.down) and torch.equal(a.up, b.up)
 
 
+def test_full_size_sdxl_sgm_names_are_diffusers():
+    """Every Linear and Conv2d of the full-size SDXL UNet (meta device), named as kohya-ss names it in the
+    original's blocks, goes back to the same module through diffusers' own kohya / sgm conversion."""
+    import types
+
+    from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+                                                         _maybe_map_sgm_blocks_to_diffusers)
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    with torch.device("meta"):
+        model = unet.UNet(unet.PRESETS["sdxl"]())
+    by_kohya = {k: t for k, t in lora._flat(lora.targets(model)).items()
+                if k.startswith(("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out_"))}
+    ours = {p for p, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert {t.module for t in by_kohya.values()} == ours and len(ours) == 794
+    sd = {f"lora_unet_{k}.lora_{r}.weight": torch.zeros(1) for k in by_kohya for r in ("down", "up")}
+    sd, _ = _convert_non_diffusers_lora_to_diffusers(
+        _maybe_map_sgm_blocks_to_diffusers(sd, types.SimpleNamespace(layers_per_block=2)))
+    sd = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in sd.items()})
+    assert {k.rsplit(".lora_", 1)[0] for k in sd} == ours
+    # and names as they stand in shared SDXL LoRA files
+    for kohya, path in [("input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                         "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+                        ("input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
+                        ("input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"),
+                        ("middle_block_1_proj_in", "mid_block.attentions.0.proj_in"),
+                        ("output_blocks_0_0_skip_connection", "up_blocks.0.resnets.0.conv_shortcut"),
+                        ("output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv"),
+                        ("output_blocks_8_0_emb_layers_1", "up_blocks.2.resnets.2.time_emb_proj")]:
+        assert by_kohya[kohya].module == path
+
+
 def test_diffusers_old_names_read_as_peft(sd21_root, tmp_path):
     """diffusers' older names (processor.to_q_lora.down, lora_linear_layer) give the same updates as peft's."""
     models = ours(sd21_root)
