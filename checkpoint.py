@@ -10,7 +10,9 @@ Every failure is a `CheckpointError` whose one-line message names the file or ke
 what was expected, so that the CLIs can print it without a traceback.
 """
 
+import argparse
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -177,6 +179,27 @@ def read_tensors(files_or_folder, dtype=None, device=None, variant=None):
     return tensors
 
 
+# What a pickled checkpoint may hold besides tensors and containers: facebookresearch/DiT's train.py
+# saves its argparse.Namespace beside the weights. Nothing else is unpickled: weights_only=True.
+PICKLE_SAFE = [argparse.Namespace]
+
+
+def read_torch_file(file):
+    """The object saved in a PyTorch .pt / .bin file, read with torch.load(weights_only=True): no code runs."""
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        with torch.serialization.safe_globals(PICKLE_SAFE):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # corrupt, or pickled objects whose loading could run code
+        raise CheckpointError(f"{file}: not a PyTorch checkpoint of plain tensors "
+                              "(torch.load with weights_only=True refused it)") from None
+    except Exception as e:  # truncated, not a zip archive, unreadable: one line for the user
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def read_metadata(file):
     """The string metadata of a safetensors file's header."""
     return _header(file)[1]
@@ -198,10 +221,13 @@ def check_keys(expected, tensors, source):
                                   f"expected {tuple(shape)}")
 
 
-def load_into(model, tensors, source):
-    """Load `tensors` into `model` strictly (every key, every shape), replacing meta tensors."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_keys(expected, tensors, source)
+def load_into(model, tensors, source, checked=False):
+    """Load `tensors` into `model` strictly (every key, every shape), replacing meta tensors.
+
+    checked=True: the caller has already checked the file's keys in its own layout (and mapped them).
+    """
+    if not checked:
+        check_keys({k: v.shape for k, v in model.state_dict().items()}, tensors, source)
     model.load_state_dict(tensors, strict=True, assign=True)
     for name, p in model.named_parameters():  # assign=True keeps the loaded tensors' requires_grad
         p.requires_grad_(True)

@@ -228,7 +228,7 @@ def teacher_loss(model, x0, y, t, noise, alphas_cumprod, prediction_type="v_pred
     out = model(x_t, t, y)
     pred, v = out[:, :C], out[:, C:]
     target = abar_t.sqrt() * noise - (1 - abar_t).sqrt() * x0 if prediction_type == "v_prediction" else noise
-    x0_pred, _ = guidance.predict_x0_eps(pred.detach(), x_t, abar_t, prediction_type)
+    x0_pred, _ = guidance.predict_x0_eps(pred.detach(), x_t, abar_t.sqrt(), (1 - abar_t).sqrt(), prediction_type)
     mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
 
     # True posterior q(x_{t-1} | x_t, x_0); its variance at t = 0 is clipped to t = 1's, as in IDDPM.
@@ -335,6 +335,91 @@ def save_teacher(model, root=TEACHER):
     dit.save_pretrained(model, Path(root) / "transformer")
     (Path(root) / "scheduler").mkdir(parents=True, exist_ok=True)
     (Path(root) / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# evaluation: the teacher without guidance, with CFG and with adapters, from the same noise
+
+
+@torch.no_grad()
+def generate(base, denoisers, steps, n, seed, batch_size, classes=None, negative=None):
+    """n samples per method, every method from the same noise: sample i asks for class i mod 10, or
+    for classes[i]; CFG subtracts the null class, or `negative` (a class).
+
+    `denoisers` maps a name to make(cond, null) -> a denoiser, sampled in `steps` steps. Methods take
+    turns batch by batch, so that a busy moment on the machine skews none of them; seconds per image
+    is the median over batches. Returns ({name: images}, {name: sec/image}).
+    """
+    device = next(base.model.parameters()).device
+    timesteps = base.scheduler.timesteps(steps)
+    classes = torch.arange(n) % NUM_CLASSES if classes is None else torch.as_tensor(classes)
+    negatives = None if negative is None else torch.full((n,), negative)
+    images, seconds = {k: [] for k in denoisers}, {k: [] for k in denoisers}
+    for b, idx in enumerate(tqdm(torch.arange(n).split(batch_size), desc="evaluate")):
+        cond = base.encode(classes[idx])
+        null = base.null(len(idx), None if negatives is None else negatives[idx])
+        for name, make in denoisers.items():
+            g = torch.Generator().manual_seed(seed * 1000 + b)  # the same noise for every method
+            x = torch.randn((len(idx), *base.shape), generator=g).to(device)
+            start = time.perf_counter()
+            images[name].append(guidance.sample(make(cond, null), x, base.scheduler, timesteps, generator=g).cpu())
+            seconds[name].append((time.perf_counter() - start) / len(idx))
+    return {k: torch.cat(v) for k, v in images.items()}, {k: float(np.median(v)) for k, v in seconds.items()}
+
+
+def score(classifier, images, reference, labels):
+    """Digit FID against `reference` and class accuracy on `labels`."""
+    return {"fid": digit_fid(classifier, images, reference), "accuracy": accuracy(classifier, images, labels)}
+
+
+def evaluate(base, student, steps, eval_w=(1.5, 3.0, 5.0), samples=500, batch_size=100, seed=1, reference=None):
+    """The teacher without guidance, with CFG and with adapters at each w, `steps` sampler steps: digit
+    FID, accuracy, time.
+
+    `reference`: the digit FID's (mu, sigma) (default: the real digits'; a fine-tune's own style's).
+    Returns (rows {method, w, fid, accuracy, sec_per_image}, grids {w: [base, cfg, agd] x 20 images}).
+    """
+    classifier = load_classifier()
+    reference = reference_statistics(classifier) if reference is None else reference
+    model = base.model
+    denoisers = {("base", 1.0): lambda cond, null: (lambda x, t: model(x, t, **cond))}
+    for w in eval_w:
+        denoisers[("cfg", w)] = lambda cond, null, w=w: guidance.guided(model, w, cond, null)
+        denoisers[("agd", w)] = lambda cond, null, w=w: (lambda x, t: student(x, t, w=w, **cond))
+    images, seconds = generate(base, denoisers, steps, samples, seed, batch_size)
+    labels = torch.arange(samples) % NUM_CLASSES
+    scores = {k: {**score(classifier, v, reference, labels), "sec_per_image": seconds[k]} for k, v in images.items()}
+    results, grids = [], {}
+    for w in eval_w:  # the unguided teacher is listed beside each w (it does not depend on w)
+        results += [{"method": m, "w": w, **scores[(m, 1.0 if m == "base" else w)]} for m in ("base", "cfg", "agd")]
+        grids[w] = [images[("base", 1.0)][:20], images[("cfg", w)][:20], images[("agd", w)][:20]]
+    return results, grids
+
+
+def save_grid(grids, file):
+    """Rows base / CFG / AGD for each w, same seeds in each column, labelled on the left."""
+    from PIL import Image, ImageDraw
+
+    scale, margin = 2, 90
+    rows = [(f"{name} w={w:g}" if name != "base" else "base", img)
+            for w, (b, c, a) in grids.items() for name, img in (("base", b), ("CFG", c), ("AGD", a))]
+    n = rows[0][1].shape[0]
+    size = rows[0][1].shape[-1] * scale
+    canvas = Image.new("L", (margin + n * size, len(rows) * size), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        draw.text((4, r * size + size // 2 - 6), label, fill=0)
+        pixels = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        for c in range(n):
+            tile = Image.fromarray(pixels[c]).resize((size, size), Image.NEAREST)
+            canvas.paste(tile, (margin + c * size, r * size))
+    canvas.save(file)
+
+
+def print_table(results):
+    print(f"{'method':<6} {'w':>5} {'FID':>8} {'accuracy':>9} {'ms/image':>9}")
+    for r in results:
+        print(f"{r['method']:<6} {r['w']:>5.1f} {r['fid']:>8.3f} {r['accuracy']:>9.3f} {1000 * r['sec_per_image']:>9.2f}")
 
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Adapters are trained on a base model and, like a LoRA, are meant to load onto fi
 of it (Jensen & Sadat 2025; DESIGN.md, "Adapters"). Here the tiny teacher is fine-tuned briefly on
 thickened digits (`python tiny.py finetune --style thick`), the adapters trained on the original are
 attached to it unchanged, and AGD is compared with the fine-tune's own CFG from the same noise
-(train_agd.evaluate): digit FID against the thickened real digits, and class accuracy. The original
+(tiny.evaluate): digit FID against the thickened real digits, and class accuracy. The original
 teacher with the same adapters is measured too, for reference, its FID against the plain digits.
 """
 
@@ -20,19 +20,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adapters  # noqa: E402
 import checkpoint  # noqa: E402
+import families  # noqa: E402
 import tiny  # noqa: E402
-import train_agd  # noqa: E402
 
 STYLE = "thick"  # the fine-tune's style, and so its FID's reference set
 
 
 def measure(weights, adapters_file, reference, args):
-    """train_agd.evaluate on `weights` with the adapters attached: base, CFG and AGD at each w, same noise."""
-    eval_args = train_agd.parse_args(["--weights", str(weights), "--eval-w", *map(str, args.eval_w),
-                                      "--eval-samples", str(args.eval_samples)])  # the tiny defaults otherwise
-    s = train_agd.load_setup(eval_args)
-    student = adapters.load(s.model, adapters_file).eval()
-    results, _ = train_agd.evaluate(s, student, eval_args, reference)
+    """tiny.evaluate on `weights` with the adapters attached: base, CFG and AGD at each w, same noise, as
+    train_agd.py evaluates (its seed + 1, its sampler steps)."""
+    base = families.load("tiny", weights)
+    student = adapters.load(base.model, adapters_file).eval()
+    results, _ = tiny.evaluate(base, student, families.FAMILIES["tiny"].train["steps"], args.eval_w,
+                               args.eval_samples, seed=1, reference=reference)
     return results
 
 

@@ -16,6 +16,7 @@ tokenizer folders hold vocab.json + merges.txt + special-token files (transforme
 tokenizer.json), and a CLIPTextModel's keys carry the text_model. prefix (transformers 5 drops it).
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 CLIP_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "clip"
 PAD_BANG = CLIP_ASSETS / "tokenizer_pad_bang"  # SD 2.1's tokenizer and SDXL's tokenizer_2: pad "!"
 PAD_EOT = CLIP_ASSETS / "tokenizer_pad_eot"  # SDXL's tokenizer: pad <|endoftext|>
+
+# scheduler/scheduler_config.json of stabilityai/stable-diffusion-2-1 and stable-diffusion-xl-base-1.0,
+# verbatim: the tiny pipelines sample as the hub's do
+SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                  "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                  "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                  "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                  "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
 
 
 def tiny_text_config(hidden_size, hidden_act, projection_dim, num_hidden_layers=3, eos_token_id=2):
@@ -47,8 +60,9 @@ def _tiny_vae(scaling_factor, force_upcast):
                          scaling_factor=scaling_factor, force_upcast=force_upcast)
 
 
-def _hub_layout(root, tokenizers, clip_text_models):
+def _hub_layout(root, tokenizers, clip_text_models, scheduler):
     """Rewrite what save_pretrained wrote into the hub's layout (see the module docstring)."""
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     for name, source in tokenizers.items():
         shutil.rmtree(root / name)
         shutil.copytree(source, root / name, copy_function=shutil.copyfile)  # assets are read-only
@@ -96,7 +110,8 @@ def make_sd21(tmp_path, prediction_type="v_prediction"):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     root = Path(tmp_path) / "sd21"
     pipe.save_pretrained(root)
-    _hub_layout(root, {"tokenizer": PAD_BANG}, ["text_encoder"])
+    _hub_layout(root, {"tokenizer": PAD_BANG}, ["text_encoder"],
+                {**SD21_SCHEDULER, "prediction_type": prediction_type})
     return root
 
 
@@ -124,5 +139,5 @@ def make_sdxl(tmp_path, force_zeros_for_empty_prompt=True):
         add_watermarker=False)
     root = Path(tmp_path) / "sdxl"
     pipe.save_pretrained(root)
-    _hub_layout(root, {"tokenizer": PAD_EOT, "tokenizer_2": PAD_BANG}, ["text_encoder"])
+    _hub_layout(root, {"tokenizer": PAD_EOT, "tokenizer_2": PAD_BANG}, ["text_encoder"], SDXL_SCHEDULER)
     return root
