@@ -82,7 +82,6 @@ def make_sd15(tmp_path):
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=4, cross_attention_dim=32, use_linear_projection=False, norm_num_groups=32)
-    # SD 1.5's hub scheduler is PNDM; DDIM reads the same betas and is one that guidance.py follows
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
     pipe = StableDiffusionPipeline(vae=_tiny_vae(0.18215, force_upcast=False), text_encoder=text_encoder,
@@ -90,7 +89,8 @@ def make_sd15(tmp_path):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     root = Path(tmp_path) / "sd15"
     pipe.save_pretrained(root)
-    _hub_layout(root, {"tokenizer": PAD_EOT}, ["text_encoder"])
+    # SD 2.1's DDIM config predicting epsilon (SD 1.5's hub config is PNDM's, which guidance.py does not follow)
+    _hub_layout(root, {"tokenizer": PAD_EOT}, ["text_encoder"], {**SD21_SCHEDULER, "prediction_type": "epsilon"})
     return root
 
 
