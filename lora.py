@@ -23,11 +23,12 @@ Two families of files are read into one list of such updates (`Term`s):
 
 Fused, a LoRA costs nothing per step; the original weights are kept (on the CPU, where memory is
 less scarce than on an accelerator) and copied back by `remove`, because subtracting the update
-again would not give back the same bits. At run time (fuse=False) a forward hook on each changed
-module adds scale * up(down(x)): no copy of any weight, two thin products per module and call, and
-the LoRA's tensors can be trained (`attach`, `train`, `save`). Hooks rather than wrapper modules:
-the model's modules and state_dict keys stay as they are, so adapters.attach, saving and strict
-loading see the same model, and gradient checkpointing reruns a hook with its module.
+again would not give back the same bits (`undoable=False` keeps none). At run time (fuse=False) a
+forward hook on each changed module adds scale * up(down(x)): no copy of any weight, two thin
+products per module and call, and the LoRA's tensors can be trained (`attach`, `train`, `save`).
+Hooks rather than wrapper modules: the model's modules and state_dict keys stay as they are, so
+adapters.attach, saving and strict loading see the same model, and gradient checkpointing reruns a
+hook with its module.
 """
 
 import json
@@ -371,9 +372,9 @@ class Applied(nn.Module):
     At run time its parameters are the LoRAs' tensors; fused, it holds the original weights.
     """
 
-    def __init__(self, models, terms, fuse):
+    def __init__(self, models, terms, fuse, undoable=True):
         super().__init__()
-        self.fused, self.terms = fuse, terms
+        self.fused, self.terms, self.undoable = fuse, terms, undoable
         self.models = dict(models)  # a plain dict: the models are not this module's submodules
         self.originals = {}  # (component, module path) -> the weight before fusing, on the CPU
         self.layers = nn.ModuleList()
@@ -398,12 +399,15 @@ class Applied(nn.Module):
         for t in terms:
             d = t.up.to(w.device, torch.float32).flatten(1) @ t.down.to(w.device, torch.float32).flatten(1)
             delta[t.target.rows or slice(None)] += t.scale * d.view(-1, *w.shape[1:])  # (rows, in[, kh, kw])
-        self.originals[component, path] = w.detach().to("cpu", copy=True)
+        if self.undoable:
+            self.originals[component, path] = w.detach().to("cpu", copy=True)
         w.copy_((w.float() + delta).to(w.dtype))
 
     @torch.no_grad()
     def remove(self):
         """Undo: the original weights copied back (bit for bit), or the hooks removed. Undo the last applied first."""
+        if self.fused and not self.undoable:
+            raise Error("LoRA fused with undoable=False: the original weights were not kept")
         for (component, path), original in self.originals.items():
             self.models[component].get_submodule(path).weight.copy_(original)
         for hook in self.hooks:
@@ -411,13 +415,15 @@ class Applied(nn.Module):
         self.originals, self.hooks = {}, []
 
 
-def apply(models, loras, fuse=True):
+def apply(models, loras, fuse=True, undoable=True):
     """LoRA files [(file, multiplier), ...] on models {"unet": ..., "text_encoder": ..., ...}: the Applied handle.
 
     Every file is read and checked before any weight changes, so a bad one leaves the models as they were.
+    Fused with undoable=False, the original weights are not kept (a LoRA on all of SDXL's attention and
+    MLP layers would keep 4 GiB of bf16 weights): for a process that never removes it.
     """
     terms = [t for file, multiplier in loras for t in read(file, models, multiplier)]
-    return Applied({c: m for c, m in models.items() if m is not None}, terms, fuse)
+    return Applied({c: m for c, m in models.items() if m is not None}, terms, fuse, undoable)
 
 
 # -----------------------------------------------------------------------------

@@ -277,6 +277,10 @@ def test_dit_peft_lora_matches_peft(tmp_path):
         fused = ours_model(x, t, y)
         applied.remove()
         assert torch.equal(ours_model(x, t, y), base)
+        applied = lora.apply({"transformer": ours_model}, [(file, 1.0)], undoable=False)  # no originals kept
+        assert torch.equal(ours_model(x, t, y), fused) and not applied.originals
+        with pytest.raises(checkpoint.CheckpointError, match="undoable=False"):
+            applied.remove()
     assert max_rel_err(base, reference) > 1e-2
     assert max_rel_err(got, reference) < 1e-5
     assert max_rel_err(fused, got) < 1e-5
