@@ -94,6 +94,14 @@ class Base:
             options["negative_prompt_dim"] = c.cross_attention_dim
         return options
 
+    def lora_models(self):
+        """The models a LoRA file may change, under the names of diffusers' pipelines that its keys
+        begin with (lora.apply's `models`): the UNet or the transformer, and the text towers (None: absent)."""
+        models = {"unet" if isinstance(self.model, unet.UNet) else "transformer": self.model}
+        for name in ("text_encoder", "text_encoder_2"):
+            models[name] = getattr(self.prompt_encoder, name, None)
+        return models
+
 
 # -----------------------------------------------------------------------------
 # DiT: class-conditional, on SD latents (DiT-XL/2) or on pixels (the tiny teacher)

@@ -31,6 +31,8 @@ adapters.attach, saving and strict loading see the same model, and gradient chec
 hook with its module.
 """
 
+import argparse
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -68,6 +70,37 @@ def parse_spec(text):
         raise Error(f"LoRA {text!r}: expected FILE[:MULTIPLIER] with a number as the multiplier "
                     f"(e.g. style.safetensors:0.8), got {'no file' if not head else repr(tail)}")
     return Path(head).expanduser(), multiplier
+
+
+def spec_argument(text):
+    """parse_spec as an argparse `type`: a bad spec becomes the parser's own one-line error, naming it."""
+    try:
+        return parse_spec(text)
+    except Error as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_files(loras):
+    """Each LoRA file's header read: a missing, truncated or corrupt file fails before any model loads."""
+    for file, _ in loras:
+        if Path(file).is_dir():
+            raise Error(f"{file}: a folder; expected a LoRA .safetensors file")
+        checkpoint.read_metadata(file)
+
+
+def record(loras):
+    """The LoRAs [(file, multiplier), ...] as JSON, for the metadata of what is made with them (adapters files):
+    each file as given, its multiplier and its sha256, which names it wherever it is moved."""
+    return json.dumps([{"file": str(file), "multiplier": multiplier, "sha256": _sha256(file)}
+                       for file, multiplier in loras])
+
+
+def _sha256(file):
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -268,8 +301,7 @@ def read(file, models, multiplier=1.0):
     reshape that would change its meaning, and files that are not LoRAs of these models.
     """
     file = Path(file)
-    if file.is_dir():
-        raise Error(f"{file}: a folder; expected a LoRA .safetensors file")
+    check_files([(file, multiplier)])
     tensors = checkpoint.read_tensors(file)  # one-line errors for a missing, truncated or corrupt file
     if not tensors:
         raise Error(f"{file}: holds no tensors (expected a LoRA)")

@@ -6,6 +6,7 @@
     python sample.py --model tiny --classes 0 1 2 3 --cfg 3.0                 # the bundled MNIST teacher
     python sample.py --model sdxl --prompt "a red fox in the snow" --num-images 4 --cfg 7.5 --dtype bfloat16
     python sample.py --model sd21 --weights my-sd21-finetune --adapters runs/sd21/adapters.safetensors --w 7.5
+    python sample.py --model sdxl --lora style.safetensors:0.8 --adapters runs/sdxl/adapters.safetensors --w 7.5
 
 DiT is sampled as its paper samples it (facebookresearch/DiT sample_ddp.py): 250 DDPM steps respaced
 as in improved DDPM, with the learned variance, and CFG against the null class (on every latent
@@ -33,6 +34,7 @@ import adapters
 import checkpoint
 import families
 import guidance
+import lora
 
 COLUMNS = 4  # images per row of the grid, as DiT's and AGD's sample.py
 
@@ -207,7 +209,9 @@ def generate(args, family):
     """Images (B, C, H, W) in [0, 1], in order; seconds per step; what ran each step."""
     if args.adapters:
         adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
+    lora.check_files(args.lora)
     base = load_base(args, family)
+    lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good, before any prompt is encoded
     student = load_student(base.model, args.adapters, base.weights) if args.adapters else None
     negative = args.negative_class if family.conditioning == "class" else args.negative_prompt
     if student is not None and negative is not None and not student.takes_negative:
@@ -229,6 +233,7 @@ def generate(args, family):
         with torch.no_grad():  # one image at a time: a batch of 1024 px images is large to decode at once
             images = base.vae.decode(z.to(args.device), batch_size=1).float().cpu()  # (B, 3, H, W) about [-1, 1]
     how = describe(base.scheduler.name, args.steps, len(images), args.cfg, student, args.w, args.w_schedule, negative)
+    how += "".join(f", LoRA {file.name}:{multiplier:g}" for file, multiplier in args.lora)
     return (images / 2 + 0.5).clamp(0, 1), seconds, how
 
 
@@ -306,6 +311,10 @@ def parse_args(argv=None):
     s.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's, "
                    "768 for SD 2.1, 1024 for SDXL)")
     s.add_argument("--width", type=int, help="image width in px (default: as --height)")
+    g = p.add_argument_group("LoRA (kohya-ss, diffusers or peft files: UNet and text encoders, or a DiT)")
+    g.add_argument("--lora", action="append", default=[], type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
+                   help="fused into the base after loading, multiplier default 1.0; repeat for several. With "
+                        "--adapters, the adapters of the base model act on the LoRA'd one")
     args = p.parse_args(argv)
 
     family = families.FAMILIES[args.model]

@@ -4,6 +4,7 @@
     python train_agd.py --model dit      # DiT-XL/2 from the hub (or --weights FOLDER)
     python train_agd.py --model sdxl --prompt-file prompts/agd_prompts.txt   # SD 2.1 / SDXL
     python train_agd.py --model sdxl --online                    # no storage: the teacher runs beside
+    python train_agd.py --model sdxl --lora style.safetensors:0.8  # the adapters of a LoRA'd SDXL
     torchrun --nproc_per_node 8 train_agd.py --model sdxl        # data-parallel on 8 GPUs
 
 1. Collect (Algorithm 1 of Jensen & Sadat 2025; trajectories.py): CFG trajectories of the frozen
@@ -42,6 +43,7 @@ from tqdm import tqdm
 import adapters
 import checkpoint
 import families
+import lora
 import prompts
 import runs
 import trajectories
@@ -322,6 +324,10 @@ def parse_args(argv=None):
                         "(default: on for dit, sd21 and sdxl)")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint the training state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    g = p.add_argument_group("LoRA (kohya-ss, diffusers or peft files: UNet and text encoders, or a DiT)")
+    g.add_argument("--lora", action="append", default=[], type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
+                   help="fused into the base after loading: trajectories are collected from, and the adapters "
+                        "trained beside, the LoRA'd base (multiplier default 1.0); repeat for several")
     g = p.add_argument_group("evaluation (tiny)")
     g.add_argument("--eval-w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
     g.add_argument("--eval-samples", type=int, default=500)
@@ -392,9 +398,11 @@ def collection_plan(args, family):
 
 
 def load_base(args):
-    """The frozen base model that --model and --weights name, set up for training adapters beside it."""
+    """The frozen base model that --model, --weights and --lora name, set up for training adapters beside it."""
+    lora.check_files(args.lora)  # before the models load
     base = families.load(args.model, args.weights, dtype=args.dtype, device=args.device,
                          height=args.resolution, width=args.resolution, cfg_channels=args.cfg_channels)
+    lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good: the base is the LoRA'd one
     base.model.gradient_checkpointing = bool(args.gradient_checkpointing)
     return base
 
@@ -470,7 +478,7 @@ def run(args, signals=None):
         with signals.deferred() if signals is not None else nullcontext():  # a signal ends the step, checkpoints
             train(student, source, hp, out, args.resume, args.rank, args.world, signals=signals)
         if args.rank == 0:
-            student.save(out / "adapters.safetensors", base=base.weights)
+            student.save(out / "adapters.safetensors", base=base.weights, lora=lora.record(args.lora))
     finally:
         if args.world > 1:
             dist.destroy_process_group()

@@ -109,7 +109,8 @@ def make_lora(root, fmt, file, seed=0, rank=4, conv_rank=None, alpha=None, conv_
     if fmt == "peft" and alpha is not None:  # diffusers' save_lora_weights(..., unet_lora_adapter_metadata=...)
         config = {}
         for component in alphas:
-            targets = sorted({k.split(".", 1)[1].rsplit(".lora_", 1)[0] for k in tensors
+            # the paths peft finds in the models diffusers loads (transformers 5's towers nest no text_model)
+            targets = sorted({k.split(".", 1)[1].rsplit(".lora_", 1)[0].removeprefix("text_model.") for k in tensors
                               if k.startswith(component + ".")})
             config.update({f"{component}.r": rank, f"{component}.lora_alpha": alpha,
                            f"{component}.target_modules": targets})
