@@ -27,6 +27,7 @@ Letters in shape comments: B batch, T image tokens of the UNet level, C its widt
 tokens, D their width (the text tokens'), E the image encoder's width, nh heads, hd head width.
 """
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ import checkpoint
 import families
 import unet
 
+SCALE = 0.6  # the image's weight against the text where none is given: the official AGD code's
 PERCEIVER_HEAD_DIM = 64  # the width of the Resampler's heads in every released Plus file (its dim_head)
 
 # -----------------------------------------------------------------------------
@@ -255,12 +257,7 @@ def read_file(file):
         raise checkpoint.CheckpointError(f"{path}: no such IP-Adapter file")
     if path.suffix == ".safetensors":
         return checkpoint.read_tensors(path)
-    try:  # weights_only: tensors and plain containers, never arbitrary pickled code
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a zip or pickle error, a disallowed global: all one line for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise checkpoint.CheckpointError(f"{path}: not a readable torch weights file ({type(e).__name__}: "
-                                         f"{first})") from None
+    state = checkpoint.read_torch_file(path)  # weights-only: tensors and plain containers, no code runs
     parts = ("image_proj", "ip_adapter")
     if isinstance(state, dict) and all(isinstance(state.get(p), dict) for p in parts):
         state = {f"{p}.{k}": v for p in parts for k, v in state[p].items()}
@@ -294,7 +291,7 @@ def image_projection(tensors, source):
                                      "the Full-face and FaceID variants are not supported)")
 
 
-def load(model, file, scale=0.6):
+def load(model, file, scale=SCALE):
     """An h94/IP-Adapter file (.safetensors, or its .bin twin) beside `model`'s attn2 modules, strictly,
     in the UNet's dtype and on its device; `scale` 0.6 as the official AGD code composes them."""
     if not isinstance(model, unet.UNet):
@@ -305,7 +302,8 @@ def load(model, file, scale=0.6):
     width = model.config.cross_attention_dim
     if image_proj.out_features != width:
         raise checkpoint.CheckpointError(f"{file}: an IP-Adapter for {image_proj.out_features}-wide cross-attention, "
-                                         f"but this UNet attends to {width}-wide text tokens (SD 1.5: 768, SDXL: 2048)")
+                                         f"but this UNet attends to {width}-wide text tokens "
+                                         "(SD 1.5: 768, SDXL: 2048)")
     with torch.device("meta"):
         ip = IPAdapter(model, image_proj, scale)
     p = next(model.parameters())
@@ -330,3 +328,15 @@ def encoder_folder(file):
     if "vit-h" in path.name and path.parent.name == "sdxl_models":
         return path.parent.parent / "models" / "image_encoder"
     return path.parent / "image_encoder"
+
+
+def with_image_prompt(base, tokens, null_tokens):
+    """A families.Base whose conditions also hold the image prompt's tokens (`ip_tokens`, one row per
+    sample) and whose null conditions the null image's, so that CFG batches them as it batches the text."""
+    def encode(conditions):
+        return {**base.encode(conditions), "ip_tokens": tokens.expand(len(conditions), -1, -1)}
+
+    def null(n, negative=None):
+        return {**base.null(n, negative), "ip_tokens": null_tokens.expand(n, -1, -1)}
+
+    return dataclasses.replace(base, encode=encode, null=null)

@@ -7,6 +7,7 @@
     python sample.py --model sdxl --prompt "a red fox in the snow" --num-images 4 --cfg 7.5 --dtype bfloat16
     python sample.py --model sd21 --weights my-sd21-finetune --adapters runs/sd21/adapters.safetensors --w 7.5
     python sample.py --model sdxl --lora style.safetensors:0.8 --adapters runs/sdxl/adapters.safetensors --w 7.5
+    python sample.py --model sdxl --ip-adapter IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors --ip-image dog.png
 
 DiT is sampled as its paper samples it (facebookresearch/DiT sample_ddp.py): 250 DDPM steps respaced
 as in improved DDPM, with the learned variance, and CFG against the null class (on every latent
@@ -34,7 +35,9 @@ import adapters
 import checkpoint
 import families
 import guidance
+import ip_adapter
 import lora
+import text_encoders
 
 COLUMNS = 4  # images per row of the grid, as DiT's and AGD's sample.py
 
@@ -51,18 +54,19 @@ class NonFiniteSample(ValueError):
 # denoisers: the model conditioned, guided, or with adapters
 
 
-def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None, channels=None):
+def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None, channels=None, beside=()):
     """The denoiser to sample with: adapters at w (one pass), CFG at cfg_scale against `null`, or the model at `cond`.
 
     w and cfg_scale: a number, or a function of the step's timestep (guidance.WSchedule.at); channels:
     how many output channels CFG guides (default all; see families.load_dit). Adapters
     that read the negative get `null` as it. Samples stay float32 between steps; the model computes in
-    its own dtype.
+    its own dtype. `beside`: attachments in every call (an IP-Adapter), each taking its keys of cond.
     """
     dtype = next(model.parameters()).dtype
+    call = adapters.call_with(model, *beside) if beside else model
 
     def net(x, t, **c):
-        return model(x.to(dtype), t, **c).float()
+        return call(x.to(dtype), t, **c).float()
 
     if student is not None:  # AGD: one pass per step
         negative = null if student.takes_negative else None
@@ -71,6 +75,9 @@ def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None, chann
             scale = w(t) if callable(w) else w
             if callable(w) and scale == 1:  # a schedule's unguided step: the conditional model, as CFG's there
                 return net(x, t, **cond)
+            if beside:  # the adapters and what sits beside the same modules, in the one pass
+                return adapters.call_with(model, *beside, student)(x.to(dtype), t, w=scale, negative=negative,
+                                                                    **cond).float()
             return student(x.to(dtype), t, w=scale, negative=negative, **cond).float()
 
         return agd
@@ -81,13 +88,13 @@ def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None, chann
 
 @torch.no_grad()
 def sample_latents(base, conditions, noise, steps, cfg_scale=None, negative=None, student=None, w=None,
-                   generator=None, progress=False, w_schedule=None):
+                   generator=None, progress=False, w_schedule=None, beside=()):
     """Clean samples (B, C, H, W) for `conditions` (B class ids or B prompts) from x_T = `noise`.
 
     `steps` of the base's scheduler, with CFG at `cfg_scale` against `negative` (a negative prompt or
     class; default: the model's null condition), or with the adapters `student` at `w` in one pass per
-    step; `w_schedule` (guidance.WSchedule) varies either scale from step to step. Latents come in the
-    autoencoder's scaled units.
+    step; `w_schedule` (guidance.WSchedule) varies either scale from step to step; `beside`: attachments
+    in every model call (see denoiser). Latents come in the autoencoder's scaled units.
     """
     cond = base.encode(conditions)
     timesteps = base.scheduler.timesteps(steps)
@@ -100,8 +107,9 @@ def sample_latents(base, conditions, noise, steps, cfg_scale=None, negative=None
     needs_null = guided or (student is not None and student.takes_negative)
     null = base.null(len(noise), negative) if needs_null else None
     finite = FiniteCheck(len(timesteps))
-    x = guidance.sample(denoiser(base.model, cond, null, cfg_scale, student, w, base.cfg_channels), noise.float(),
-                        base.scheduler, timesteps, generator=generator, callback=finite, progress=progress)
+    denoise = denoiser(base.model, cond, null, cfg_scale, student, w, base.cfg_channels, beside)
+    x = guidance.sample(denoise, noise.float(), base.scheduler, timesteps, generator=generator, callback=finite,
+                        progress=progress)
     finite.check(x, conditions)
     return x
 
@@ -158,6 +166,64 @@ def describe(sampler, steps, n, cfg_scale, student, w, w_schedule=None, negative
 
 
 # -----------------------------------------------------------------------------
+# an image prompt beside the text: IP-Adapter (ip_adapter.py)
+
+
+def read_ip_image(args):
+    """--ip-image as a PIL image, read before any model loads; missing or unreadable: one line."""
+    try:
+        return text_encoders.read_image(args.ip_image)
+    except ValueError as e:
+        raise InputError(f"--ip-image {e}") from None
+
+
+def load_image_prompt(args, base, image):
+    """--ip-adapter beside the UNet's attn2 modules and its image encoder (default: h94's image_encoder/
+    folder beside the file): (base with the image's tokens in each condition and the null image's in
+    each null, the attachments of every UNet call, what the printed line adds)."""
+    try:
+        ip = ip_adapter.load(base.model, args.ip_adapter, args.ip_scale)
+    except checkpoint.CheckpointError:
+        raise  # one line already: the file and the key at fault
+    except ValueError as e:  # not a UNet
+        raise InputError(f"--ip-adapter {args.ip_adapter}: {e}") from None
+    folder = args.image_encoder or ip_adapter.encoder_folder(args.ip_adapter)
+    if args.image_encoder is None and not Path(folder).is_dir():
+        raise InputError(f"{args.ip_adapter}: no image encoder beside it (h94/IP-Adapter keeps it in {folder}); "
+                         "name it with --image-encoder")
+    encoder = text_encoders.VisionEncoder.from_pretrained(folder, dtype=args.dtype, device=args.device)
+    tokens = ip.encode(encoder, encoder.processor([image]))  # (1, N, D)
+    base = ip_adapter.with_image_prompt(base, tokens, ip.null(1, encoder))
+    del encoder  # its work is done: ViT-bigG/14 is 2.5 GB in fp32
+    return base, (ip,), f", IP-Adapter {Path(args.ip_adapter).name} at scale {args.ip_scale:g}"
+
+
+def image_prompt_arguments(p):
+    """sample.py's IP-Adapter options, their own group."""
+    g = p.add_argument_group("an image prompt (--model sd21, sdxl with an SD 1.5 or SDXL UNet): IP-Adapter, "
+                             "h94/IP-Adapter's files")
+    g.add_argument("--ip-adapter", metavar="FILE", help="an IP-Adapter file (.safetensors or .bin), e.g. "
+                   "sdxl_models/ip-adapter_sdxl.safetensors; the image attends beside the text, in CFG's null "
+                   "half the null image; with --adapters, in their one pass")
+    g.add_argument("--ip-image", metavar="FILE", help="the image prompt (any image PIL reads)")
+    g.add_argument("--ip-scale", type=float, metavar="S", help="the image's weight against the text "
+                   "(default 0.6, as the official AGD code)")
+    g.add_argument("--image-encoder", metavar="PATH", help="its CLIP image encoder, folder or hub id (default: "
+                   "the image_encoder/ folder beside the file, as h94's layout has it)")
+
+
+def check_image_prompt_arguments(p, args, prompted):
+    """One line for IP-Adapter options that do not go together; --ip-scale's default."""
+    given = [name for name in ("ip_adapter", "ip_image", "ip_scale", "image_encoder") if getattr(args, name)
+             is not None]
+    if given and not prompted:
+        p.error(f"--{given[0].replace('_', '-')} is not an option of --model {args.model}")
+    if given and (args.ip_adapter is None or args.ip_image is None):
+        p.error("an image prompt takes both --ip-adapter FILE and --ip-image FILE")
+    args.ip_scale = ip_adapter.SCALE if args.ip_scale is None else args.ip_scale
+
+
+# -----------------------------------------------------------------------------
 # loading what --model, --weights and the size options name
 
 
@@ -210,6 +276,7 @@ def generate(args, family):
     if args.adapters:
         adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
     lora.check_files(args.lora)
+    image = read_ip_image(args) if args.ip_adapter else None
     base = load_base(args, family)
     lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good, before any prompt is encoded
     student = load_student(base.model, args.adapters, base.weights) if args.adapters else None
@@ -217,6 +284,9 @@ def generate(args, family):
     if student is not None and negative is not None and not student.takes_negative:
         raise InputError(f"{args.adapters}: these adapters learned CFG against the null condition only; for a "
                          f"negative in one pass, train them with one (python train_agd.py --negatives 0.5)")
+    beside, ip_how = (), ""
+    if image is not None:
+        base, beside, ip_how = load_image_prompt(args, base, image)
     if family.conditioning == "class":
         conditions = torch.tensor(args.classes, device=args.device)
     else:
@@ -225,7 +295,7 @@ def generate(args, family):
     noise = torch.randn((len(conditions), *base.shape), generator=generator, device=args.device)  # (B, C, h, w): x_T
     start = time.perf_counter()  # a prompt's encoding counts in: once, against `steps` passes
     z = sample_latents(base, conditions, noise, args.steps, args.cfg, negative, student, args.w, generator,
-                       progress=True, w_schedule=args.w_schedule)  # (B, C, h, w)
+                       progress=True, w_schedule=args.w_schedule, beside=beside)  # (B, C, h, w)
     z = z.cpu()  # waits for the device to finish
     seconds = (time.perf_counter() - start) / args.steps
     images = z
@@ -233,7 +303,7 @@ def generate(args, family):
         with torch.no_grad():  # one image at a time: a batch of 1024 px images is large to decode at once
             images = base.vae.decode(z.to(args.device), batch_size=1).float().cpu()  # (B, 3, H, W) about [-1, 1]
     how = describe(base.scheduler.name, args.steps, len(images), args.cfg, student, args.w, args.w_schedule, negative)
-    how += "".join(f", LoRA {file.name}:{multiplier:g}" for file, multiplier in args.lora)
+    how += "".join(f", LoRA {file.name}:{multiplier:g}" for file, multiplier in args.lora) + ip_how
     return (images / 2 + 0.5).clamp(0, 1), seconds, how
 
 
@@ -315,6 +385,7 @@ def parse_args(argv=None):
     g.add_argument("--lora", action="append", default=[], type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
                    help="fused into the base after loading, multiplier default 1.0; repeat for several. With "
                         "--adapters, the adapters of the base model act on the LoRA'd one")
+    image_prompt_arguments(p)
     args = p.parse_args(argv)
 
     family = families.FAMILIES[args.model]
@@ -323,6 +394,7 @@ def parse_args(argv=None):
     wrong = [name for name in (CLASS_OPTIONS if prompted else PROMPT_OPTIONS) if getattr(args, name) is not None]
     if wrong:
         p.error(f"--{wrong[0].replace('_', '-')} is not an option of --model {args.model}")
+    check_image_prompt_arguments(p, args, prompted)
     if args.adapters is not None and args.cfg is not None:
         p.error("--cfg is the scale of CFG; with --adapters give the scale as --w")
     if args.adapters is None and args.w is not None:

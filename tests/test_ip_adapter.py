@@ -7,8 +7,8 @@ beside it) and loads the same file into the diffusers pipeline (`load_ip_adapter
 - the image tokens, the null image's, and the UNet's output with the IP-Adapter at scale 0.6 equal
   diffusers' UNet with its IP-Adapter attention processors;
 - a few CFG steps from prompt + image equal StableDiffusion(XL)Pipeline(ip_adapter_image=...) from
-  the same latents; fresh AGD adapters + the IP-Adapter in one UNet pass per step equal the pipeline
-  at guidance 1;
+  the same latents, and sample.py's images (--ip-adapter, --ip-image) the pipeline's from the same
+  seed; fresh AGD adapters + the IP-Adapter in one UNet pass per step equal the pipeline at guidance 1;
 - the .bin twin loads as the safetensors file; the full-size files' shapes, key by key, on meta;
 - the one-line errors (another cross-attention width, an encoder that does not fit, bad files).
 Cases: IP-Adapter and IP-Adapter Plus (the Resampler on the penultimate hidden states), for each.
@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 
 import adapters
 import checkpoint
-import guidance
+import families
 import ip_adapter
-import prompts
+import sample
 import text_encoders as te
 import unet
 
@@ -66,11 +66,12 @@ def case(request, sd15_root, sdxl_root, tmp_path_factory):
     # diffusers makes CLIPImageProcessor(size=image_size, crop_size=image_size), whose PIL path this is
     # (it is that class where torchvision is absent, here); PIL's bicubic is what CLIP's preprocessing uses
     pipe.feature_extractor = CLIPImageProcessorPil(size=32, crop_size=32)
-    model = unet.from_pretrained(root)
-    return SimpleNamespace(name=request.param, root=root, pipe=pipe, file=file, plus=plus, model=model,
-                           ip=ip_adapter.load(model, file, SCALE),
+    family = "sdxl" if kind == "sdxl" else "sd21"  # sample.py's --model for an SD 1.5 UNet: sd21
+    base = families.load(family, root, height=SIDE, width=SIDE)
+    return SimpleNamespace(name=request.param, root=root, pipe=pipe, file=file, plus=plus, model=base.model,
+                           base=base, family=family, ip=ip_adapter.load(base.model, file, SCALE),
                            encoder=te.VisionEncoder.from_pretrained(ip_adapter.encoder_folder(file)),
-                           prompts=prompts.PromptEncoder.from_pretrained(root), xl=kind == "sdxl")
+                           xl=kind == "sdxl")
 
 
 def unet_inputs(c, batch=2):
@@ -131,21 +132,14 @@ def test_unet_with_ip_adapter_matches_diffusers(case):
 
 
 def our_latents(c, latents, w, ip_image=None, student=None):
-    """Prompt + image -> latents with this library (our loop starts from the latents as x_t, see test_sd_pipeline)."""
-    s = guidance.scheduler_from_config(c.root)
-    cond, null = c.prompts([PROMPT], height=SIDE, width=SIDE), c.prompts.null(1, height=SIDE, width=SIDE)
-    parts = [c.ip]
+    """Prompt + image -> latents with sample.sample_latents, from the pipeline's x_T (see test_sample_sd)."""
+    base, beside = c.base, ()
     if ip_image is not None:
-        cond["ip_tokens"] = c.ip.encode(c.encoder, c.encoder.processor([ip_image]))
-        null["ip_tokens"] = c.ip.null(1, c.encoder)
-    else:
-        parts = []
+        tokens = c.ip.encode(c.encoder, c.encoder.processor([ip_image]))
+        base, beside = ip_adapter.with_image_prompt(c.base, tokens, c.ip.null(1, c.encoder)), (c.ip,)
     if student is not None:  # AGD: one pass per step at w, the IP-Adapter and the adapters beside the same attn2
-        call = adapters.call_with(c.model, *parts, student)
-        denoise = lambda x, t: call(x, t, w=w, **cond)  # noqa: E731
-    else:
-        denoise = guidance.guided(adapters.call_with(c.model, *parts), w, cond, null)
-    return guidance.sample(denoise, latents, s.alphas_cumprod, s.timesteps(STEPS), step=s.step, **s.step_kw)
+        return sample.sample_latents(base, [PROMPT], latents, STEPS, student=student, w=w, beside=beside)
+    return sample.sample_latents(base, [PROMPT], latents, STEPS, cfg_scale=w, beside=beside)
 
 
 def pipeline_latents(c, latents, w, ip_image):
@@ -199,6 +193,51 @@ def test_bin_twin_loads_as_the_safetensors_file(case, tmp_path):
     assert ours.keys() == expected.keys() == load_file(case.file).keys()
     assert all(torch.equal(ours[k], expected[k]) for k in expected)
     assert ip_adapter.read_file(twin).keys() == load_file(case.file).keys()
+
+
+# -----------------------------------------------------------------------------
+# sample.py: --ip-adapter FILE --ip-image FILE [--ip-scale S] [--image-encoder PATH]
+
+
+def parse(c, *argv):
+    """sample.py's arguments for the case's tiny pipeline, on the CPU, at the pipelines' 16 px."""
+    return sample.parse_args(["--model", c.family, "--weights", str(c.root), "--steps", str(STEPS), "--device",
+                              "cpu", "--height", str(SIDE), "--width", str(SIDE), "--prompt", PROMPT, *argv])
+
+
+def generate(c, *argv):
+    return sample.generate(parse(c, *argv), families.FAMILIES[c.family])
+
+
+@pytest.mark.parametrize("case", ["sd15", "sdxl-plus"], indirect=True)  # the sampling tests above take all four
+@torch.no_grad()
+def test_sample_py_prompt_and_image_to_images_match_the_pipeline(case, tmp_path):
+    file, seed = tmp_path / "prompt.png", 3
+    image(0).save(file)  # PNG: the pipeline and sample.py read the same pixels
+
+    def pipeline_images(w):
+        return case.pipe(PROMPT, ip_adapter_image=Image.open(file), height=SIDE, width=SIDE, guidance_scale=w,
+                         num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
+                         output_type="pt").images
+
+    argv = ["--seed", str(seed), "--ip-adapter", str(case.file), "--ip-image", str(file)]
+    expected = pipeline_images(7.5)
+    images, _, how = generate(case, *argv, "--cfg", "7.5")
+    assert images.shape == expected.shape == (1, 3, SIDE, SIDE)
+    assert (images - expected).abs().max() < 1e-4
+    assert how.endswith(f"CFG at w=7.5, conditional and null passes batched, IP-Adapter {case.file.name} at "
+                        "scale 0.6")
+    text_only, _, _ = generate(case, "--seed", str(seed), "--cfg", "7.5")
+    assert (text_only - expected).abs().max() > 1e-2  # the image prompt moved the images: the test could fail
+    unweighted, _, _ = generate(case, *argv, "--cfg", "7.5", "--ip-scale", "0")
+    assert torch.equal(unweighted, text_only)  # --ip-scale is the scale: at 0 the text alone, exactly
+
+    # AGD: fresh adapters beside the same attn2, one UNet pass per step: the pipeline at guidance 1
+    agd_file = tmp_path / "agd.safetensors"
+    adapters.attach(unet.from_pretrained(case.root), hidden_dim=8).save(agd_file)
+    images, _, how = generate(case, *argv, "--adapters", str(agd_file), "--w", "7.5")
+    assert (images - pipeline_images(1.0)).abs().max() < 1e-4
+    assert "adapters at w=7.5, one pass" in how and "IP-Adapter" in how
 
 
 # -----------------------------------------------------------------------------
@@ -285,14 +324,47 @@ def test_errors(sd15_root, sdxl_root, tmp_path):
     (tmp_path / "garbage.bin").write_bytes(b"not a pickle")
     torch.save({"image_proj": SimpleNamespace(a=1)}, tmp_path / "pickled.bin")  # not weights: refused unread
     torch.save({"something": torch.zeros(1)}, tmp_path / "flat.bin")
-    for name, message in [("garbage.bin", "not a readable torch weights file"),
-                          ("pickled.bin", "not a readable torch weights file"),
+    for name, message in [("garbage.bin", "not a PyTorch checkpoint of plain tensors"),
+                          ("pickled.bin", "not a PyTorch checkpoint of plain tensors"),
                           ("flat.bin", "not an IP-Adapter file this library reads")]:
         with pytest.raises(checkpoint.CheckpointError, match=message) as e:
             ip_adapter.load(sd15, tmp_path / name)
         assert one_line(e), name
     with pytest.raises(ValueError, match="beside a UNet's attn2 modules"):
         ip_adapter.load(torch.nn.Linear(2, 2), file)
+
+
+def test_sample_py_errors(sd15_root, sdxl_root, tmp_path, capsys):
+    reference = diffusers.UNet2DConditionModel.from_pretrained(sd15_root, subfolder="unet")
+    file = make_ip_adapter(tmp_path / "h94", "models", "ip-adapter_sd15.safetensors", reference)
+    image(0).save(tmp_path / "prompt.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    sd15, sdxl = SimpleNamespace(family="sd21", root=sd15_root), SimpleNamespace(family="sdxl", root=sdxl_root)
+    ok = ["--ip-adapter", str(file), "--ip-image", str(tmp_path / "prompt.png")]
+    for c, argv, error, message in [
+        (sd15, ["--ip-adapter", str(file), "--ip-image", str(tmp_path / "absent.png")], sample.InputError,
+         "--ip-image .*absent.png: no such image file"),
+        (sd15, ["--ip-adapter", str(file), "--ip-image", str(tmp_path / "broken.png")], sample.InputError,
+         "--ip-image .*broken.png: not a readable image"),
+        (sdxl, ok, checkpoint.CheckpointError, "for 32-wide cross-attention, but this UNet attends to 80-wide"),
+        (sd15, [*ok, "--image-encoder", str(randomize_and_save(tmp_path / "other", projection_dim=40))],
+         checkpoint.CheckpointError, "image embeddings are 40 wide, this IP-Adapter's image projection takes 24"),
+    ]:
+        with pytest.raises(error, match=message) as e:
+            generate(c, *argv)
+        assert one_line(e), message
+    alone = tmp_path / "alone" / file.name  # h94's file without the image_encoder/ folder beside it
+    alone.parent.mkdir()
+    alone.write_bytes(file.read_bytes())
+    with pytest.raises(sample.InputError, match="no image encoder beside it .* name it with --image-encoder"):
+        generate(sd15, "--ip-adapter", str(alone), "--ip-image", str(tmp_path / "prompt.png"))
+    for argv, message in [(["--model", "sd21", "--ip-image", "x.png"], "takes both --ip-adapter FILE and --ip-image"),
+                          (["--model", "sdxl", "--ip-adapter", "x.bin", "--ip-scale", "1"], "takes both"),
+                          (["--model", "dit", "--ip-adapter", "x.bin"], "--ip-adapter is not an option of --model dit"),
+                          (["--model", "tiny", "--ip-scale", "1"], "--ip-scale is not an option of --model tiny")]:
+        with pytest.raises(SystemExit):
+            sample.parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
 def randomize_and_save(folder, projection_dim):
