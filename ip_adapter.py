@@ -36,6 +36,7 @@ import torch.nn as nn
 import adapters
 import checkpoint
 import families
+import hub
 import unet
 
 SCALE = 0.6  # the image's weight against the text where none is given: the official AGD code's
@@ -319,6 +320,18 @@ def load(model, file, scale=SCALE):
     for tensor in ip.ip_state_dict().values():
         tensor.requires_grad_(False)  # frozen beside a frozen base
     return ip
+
+
+def fetch(spec):
+    """(a local IP-Adapter file, its image encoder as VisionEncoder.from_pretrained takes it: (folder or hub
+    id, subfolder)) for a file, or a hub id user/repo/path/file ("h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.
+    safetensors"), fetched through the hub cache as hub.py fetches adapters; the encoder: encoder_folder's."""
+    path, parts = Path(spec).expanduser(), str(spec).split("/")
+    if path.exists() or str(spec).startswith((".", "/", "~")) or len(parts) < 3:
+        return path, (encoder_folder(path), None)
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    file = hub._download(repo_id, filename, what=str(spec))
+    return file, (repo_id, encoder_folder(Path(filename)).as_posix())  # the same repo's folder, fetched on use
 
 
 def encoder_folder(file):

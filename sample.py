@@ -169,42 +169,47 @@ def describe(sampler, steps, n, cfg_scale, student, w, w_schedule=None, negative
 # an image prompt beside the text: IP-Adapter (ip_adapter.py)
 
 
-def read_ip_image(args):
-    """--ip-image as a PIL image, read before any model loads; missing or unreadable: one line."""
+def find_image_prompt(args):
+    """(the --ip-image, the --ip-adapter file, its image encoder's (folder or hub id, subfolder)), each found
+    before any model loads: a missing or unreadable one is one line."""
     try:
-        return text_encoders.read_image(args.ip_image)
+        image = text_encoders.read_image(args.ip_image)
     except ValueError as e:
         raise InputError(f"--ip-image {e}") from None
+    file, (folder, subfolder) = ip_adapter.fetch(args.ip_adapter)
+    if args.image_encoder is not None:
+        folder, subfolder = args.image_encoder, None
+    elif subfolder is None and not Path(folder).is_dir():
+        raise InputError(f"{file}: no image encoder beside it (h94/IP-Adapter keeps it in {folder}); "
+                         "name it with --image-encoder")
+    return image, file, (folder, subfolder or "image_encoder")
 
 
-def load_image_prompt(args, base, image):
-    """--ip-adapter beside the UNet's attn2 modules and its image encoder (default: h94's image_encoder/
-    folder beside the file): (base with the image's tokens in each condition and the null image's in
-    each null, the attachments of every UNet call, what the printed line adds)."""
+def load_image_prompt(args, base, image_prompt):
+    """The IP-Adapter beside the UNet's attn2 modules, its image encoder run once: (base with the image's
+    tokens in each condition and the null image's in each null, the attachments of every UNet call, what
+    the printed line adds)."""
+    image, file, (folder, subfolder) = image_prompt
     try:
-        ip = ip_adapter.load(base.model, args.ip_adapter, args.ip_scale)
+        ip = ip_adapter.load(base.model, file, args.ip_scale)
     except checkpoint.CheckpointError:
         raise  # one line already: the file and the key at fault
     except ValueError as e:  # not a UNet
         raise InputError(f"--ip-adapter {args.ip_adapter}: {e}") from None
-    folder = args.image_encoder or ip_adapter.encoder_folder(args.ip_adapter)
-    if args.image_encoder is None and not Path(folder).is_dir():
-        raise InputError(f"{args.ip_adapter}: no image encoder beside it (h94/IP-Adapter keeps it in {folder}); "
-                         "name it with --image-encoder")
-    encoder = text_encoders.VisionEncoder.from_pretrained(folder, dtype=args.dtype, device=args.device)
+    encoder = text_encoders.VisionEncoder.from_pretrained(folder, subfolder, dtype=args.dtype, device=args.device)
     tokens = ip.encode(encoder, encoder.processor([image]))  # (1, N, D)
     base = ip_adapter.with_image_prompt(base, tokens, ip.null(1, encoder))
     del encoder  # its work is done: ViT-bigG/14 is 2.5 GB in fp32
-    return base, (ip,), f", IP-Adapter {Path(args.ip_adapter).name} at scale {args.ip_scale:g}"
+    return base, (ip,), f", IP-Adapter {Path(file).name} at scale {args.ip_scale:g}"
 
 
 def image_prompt_arguments(p):
     """sample.py's IP-Adapter options, their own group."""
     g = p.add_argument_group("an image prompt (--model sd21, sdxl with an SD 1.5 or SDXL UNet): IP-Adapter, "
                              "h94/IP-Adapter's files")
-    g.add_argument("--ip-adapter", metavar="FILE", help="an IP-Adapter file (.safetensors or .bin), e.g. "
-                   "sdxl_models/ip-adapter_sdxl.safetensors; the image attends beside the text, in CFG's null "
-                   "half the null image; with --adapters, in their one pass")
+    g.add_argument("--ip-adapter", metavar="FILE", help="an IP-Adapter file (.safetensors or .bin) or hub id, e.g. "
+                   "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors; the image attends beside the text, in "
+                   "CFG's null half the null image; with --adapters, in their one pass")
     g.add_argument("--ip-image", metavar="FILE", help="the image prompt (any image PIL reads)")
     g.add_argument("--ip-scale", type=float, metavar="S", help="the image's weight against the text "
                    "(default 0.6, as the official AGD code)")
@@ -276,7 +281,7 @@ def generate(args, family):
     if args.adapters:
         adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
     lora.check_files(args.lora)
-    image = read_ip_image(args) if args.ip_adapter else None
+    image_prompt = find_image_prompt(args) if args.ip_adapter else None
     base = load_base(args, family)
     lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good, before any prompt is encoded
     student = load_student(base.model, args.adapters, base.weights) if args.adapters else None
@@ -285,8 +290,8 @@ def generate(args, family):
         raise InputError(f"{args.adapters}: these adapters learned CFG against the null condition only; for a "
                          f"negative in one pass, train them with one (python train_agd.py --negatives 0.5)")
     beside, ip_how = (), ""
-    if image is not None:
-        base, beside, ip_how = load_image_prompt(args, base, image)
+    if image_prompt is not None:
+        base, beside, ip_how = load_image_prompt(args, base, image_prompt)
     if family.conditioning == "class":
         conditions = torch.tensor(args.classes, device=args.device)
     else:

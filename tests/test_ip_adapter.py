@@ -34,7 +34,7 @@ import unet
 diffusers = pytest.importorskip("diffusers")
 from transformers import CLIPImageProcessorPil  # noqa: E402
 from tiny_pipelines import make_ip_adapter, randomize, tiny_vision_config  # noqa: E402  (imports diffusers)
-from util import max_rel_err  # noqa: E402
+from util import max_rel_err, offline_hub_cache  # noqa: E402
 
 SCALE = 0.6  # the official AGD code's IP-Adapter scale
 SIDE, STEPS = 16, 4  # pixels (the tiny pipelines' 8 x 8 latents), sampler steps
@@ -209,7 +209,7 @@ def generate(c, *argv):
     return sample.generate(parse(c, *argv), families.FAMILIES[c.family])
 
 
-@pytest.mark.parametrize("case", ["sd15", "sdxl-plus"], indirect=True)  # the sampling tests above take all four
+@pytest.mark.parametrize("case", ["sd15", "sdxl"], indirect=True)  # the sampling tests above take all four
 @torch.no_grad()
 def test_sample_py_prompt_and_image_to_images_match_the_pipeline(case, tmp_path):
     file, seed = tmp_path / "prompt.png", 3
@@ -332,6 +332,22 @@ def test_errors(sd15_root, sdxl_root, tmp_path):
         assert one_line(e), name
     with pytest.raises(ValueError, match="beside a UNet's attn2 modules"):
         ip_adapter.load(torch.nn.Linear(2, 2), file)
+
+
+def test_sample_py_takes_a_hub_id_and_its_encoder_from_the_same_repo(sd15_root, tmp_path, monkeypatch):
+    reference = diffusers.UNet2DConditionModel.from_pretrained(sd15_root, subfolder="unet")
+    file = make_ip_adapter(tmp_path / "h94", "models", "ip-adapter_sd15.safetensors", reference)
+    put = offline_hub_cache(tmp_path / "home", monkeypatch)
+    for name in ("ip-adapter_sd15.safetensors", "image_encoder/config.json", "image_encoder/model.safetensors"):
+        put("h94/IP-Adapter", f"models/{name}", file.parent / name)
+    image(0).save(tmp_path / "prompt.png")
+    sd15 = SimpleNamespace(family="sd21", root=sd15_root)
+    prompt = ["--ip-image", str(tmp_path / "prompt.png")]
+    local, _, _ = generate(sd15, "--ip-adapter", str(file), *prompt)
+    hub_images, _, how = generate(sd15, "--ip-adapter", "h94/IP-Adapter/models/ip-adapter_sd15.safetensors", *prompt)
+    assert torch.equal(hub_images, local) and how.endswith("IP-Adapter ip-adapter_sd15.safetensors at scale 0.6")
+    with pytest.raises(checkpoint.CheckpointError, match="h94/IP-Adapter/models/absent.bin: not in the hub cache"):
+        generate(sd15, "--ip-adapter", "h94/IP-Adapter/models/absent.bin", *prompt)
 
 
 def test_sample_py_errors(sd15_root, sdxl_root, tmp_path, capsys):
