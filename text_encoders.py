@@ -461,7 +461,7 @@ class VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixels):
-        """pixels (B, C, H, W) -> last and penultimate hidden states (B, T, D), the class token's last normed (B, D)."""
+        """pixels (B, C, H, W) -> last and penultimate hidden states (B, T, D), the class token's, normed (B, D)."""
         last, penultimate = run_layers(self.encoder.layers, self.pre_layrnorm(self.embeddings(pixels)))
         return last, penultimate, self.post_layernorm(last[:, 0])
 

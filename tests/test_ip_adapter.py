@@ -376,7 +376,7 @@ def test_sample_py_errors(sd15_root, sdxl_root, tmp_path, capsys):
         generate(sd15, "--ip-adapter", str(alone), "--ip-image", str(tmp_path / "prompt.png"))
     for argv, message in [(["--model", "sd21", "--ip-image", "x.png"], "takes both --ip-adapter FILE and --ip-image"),
                           (["--model", "sdxl", "--ip-adapter", "x.bin", "--ip-scale", "1"], "takes both"),
-                          (["--model", "dit", "--ip-adapter", "x.bin"], "--ip-adapter is not an option of --model dit"),
+                          (["--model", "dit", "--ip-adapter", "x.bin"], "--ip-adapter is not an option of --model"),
                           (["--model", "tiny", "--ip-scale", "1"], "--ip-scale is not an option of --model tiny")]:
         with pytest.raises(SystemExit):
             sample.parse_args(argv)

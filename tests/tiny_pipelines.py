@@ -282,7 +282,8 @@ def make_ip_adapter(folder, subfolder, weight_name, unet, embed_dim=24, plus=Fal
                             f"layers.{i}.0.to_kv.weight": rand(2 * inner, dim),
                             f"layers.{i}.0.to_out.weight": rand(dim, inner),
                             f"layers.{i}.1.0.weight": 1 + rand(dim), f"layers.{i}.1.0.bias": rand(dim),
-                            f"layers.{i}.1.1.weight": rand(4 * dim, dim), f"layers.{i}.1.3.weight": rand(dim, 4 * dim)})
+                            f"layers.{i}.1.1.weight": rand(4 * dim, dim),
+                            f"layers.{i}.1.3.weight": rand(dim, 4 * dim)})
     else:
         tensors = {"proj.weight": rand(4 * D, embed_dim), "proj.bias": rand(4 * D), "norm.weight": 1 + rand(D),
                    "norm.bias": rand(D)}
