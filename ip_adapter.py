@@ -1,22 +1,23 @@
 """IP-Adapter: an image as a prompt, beside the text (Ye et al., "IP-Adapter: Text Compatible Image Prompt
 Adapter for Text-to-Image Diffusion Models", 2023, arXiv 2308.06721), with h94/IP-Adapter's weights.
 
-A CLIP image encoder (text_encoders.VisionEncoder) embeds the image; an image projection turns the
+A CLIP image encoder (image_encoders.VisionEncoder) embeds the image; an image projection turns the
 embedding into N tokens as wide as the text tokens (N = 4; the Plus variants resample the encoder's
 penultimate hidden states into 16); and beside every cross-attention `attn2` of the UNet a second,
 "decoupled" cross-attention with its own keys and values attends to those tokens (paper, eq. 5):
 
     out = attention(q, K_text, V_text) + scale * attention(q, K_image, V_image)
 
-    file = "IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors"              # or its .bin twin
-    ip = ip_adapter.load(unet, file, scale=0.6)                              # beside unet's attn2 modules
-    encoder = text_encoders.VisionEncoder.from_pretrained(ip_adapter.encoder_folder(file))  # its image_encoder/
-    pixels = encoder.processor([text_encoders.read_image("dog.png")])        # (1, 3, 224, 224)
-    tokens, null = ip.encode(encoder, pixels), ip.null(1, encoder)           # (1, N, D) each
-    out = adapters.call_with(unet, ip)(x, t, ip_tokens=tokens, **cond)       # one pass with the image
+    file = "IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors"           # or its .bin twin
+    ip = ip_adapter.load(unet, file, scale=0.6)                           # beside unet's attn2 modules
+    encoder = image_encoders.VisionEncoder.from_pretrained(ip_adapter.encoder_folder(file))  # image_encoder/
+    pixels = encoder.processor([image_encoders.read_image("dog.png")])    # (1, 3, 224, 224)
+    tokens, null = ip.encode(encoder, pixels), ip.null(1, encoder)        # (1, N, D) each
+    out = adapters.call_with(unet, ip)(x, t, ip_tokens=tokens, **cond)    # one pass with the image
     denoise = guidance.guided(adapters.call_with(unet, ip), w, {**cond, "ip_tokens": tokens},
-                              {**null_cond, "ip_tokens": null})              # CFG: the null image in the null half
+                              {**null_cond, "ip_tokens": null})           # CFG: the null image in the null half
     denoise = lambda x, t: adapters.call_with(unet, ip, student)(x, t, w=w, ip_tokens=tokens, **cond)  # AGD
+    base = ip_adapter.with_image_prompt(base, tokens, null)              # what sample.py samples (families.Base)
 
 The IP-Adapter is an adapters.Attachment: hooks on attn2 that act only inside its scope, so unet.py
 knows nothing of it, and it composes with the AGD adapters (hooks on the same attn2, each adding its

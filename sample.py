@@ -35,9 +35,9 @@ import adapters
 import checkpoint
 import families
 import guidance
+import image_encoders
 import ip_adapter
 import lora
-import text_encoders
 
 COLUMNS = 4  # images per row of the grid, as DiT's and AGD's sample.py
 
@@ -173,7 +173,7 @@ def find_image_prompt(args):
     """(the --ip-image, the --ip-adapter file, its image encoder's (folder or hub id, subfolder)), each found
     before any model loads: a missing or unreadable one is one line."""
     try:
-        image = text_encoders.read_image(args.ip_image)
+        image = image_encoders.read_image(args.ip_image)
     except ValueError as e:
         raise InputError(f"--ip-image {e}") from None
     file, (folder, subfolder) = ip_adapter.fetch(args.ip_adapter)
@@ -196,7 +196,7 @@ def load_image_prompt(args, base, image_prompt):
         raise  # one line already: the file and the key at fault
     except ValueError as e:  # not a UNet
         raise InputError(f"--ip-adapter {args.ip_adapter}: {e}") from None
-    encoder = text_encoders.VisionEncoder.from_pretrained(folder, subfolder, dtype=args.dtype, device=args.device)
+    encoder = image_encoders.VisionEncoder.from_pretrained(folder, subfolder, dtype=args.dtype, device=args.device)
     tokens = ip.encode(encoder, encoder.processor([image]))  # (1, N, D)
     base = ip_adapter.with_image_prompt(base, tokens, ip.null(1, encoder))
     del encoder  # its work is done: ViT-bigG/14 is 2.5 GB in fp32

@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 import adapters
 import checkpoint
 import families
+import image_encoders as ie
 import ip_adapter
 import sample
-import text_encoders as te
 import unet
 
 diffusers = pytest.importorskip("diffusers")
@@ -70,7 +70,7 @@ def case(request, sd15_root, sdxl_root, tmp_path_factory):
     base = families.load(family, root, height=SIDE, width=SIDE)
     return SimpleNamespace(name=request.param, root=root, pipe=pipe, file=file, plus=plus, model=base.model,
                            base=base, family=family, ip=ip_adapter.load(base.model, file, SCALE),
-                           encoder=te.VisionEncoder.from_pretrained(ip_adapter.encoder_folder(file)),
+                           encoder=ie.VisionEncoder.from_pretrained(ip_adapter.encoder_folder(file)),
                            xl=kind == "sdxl")
 
 
@@ -294,7 +294,7 @@ def test_errors(sd15_root, sdxl_root, tmp_path):
     assert str(file) in str(e.value) and one_line(e)
 
     ip = ip_adapter.load(sd15, file)
-    other = te.VisionEncoder.from_pretrained(randomize_and_save(tmp_path / "other", projection_dim=40))
+    other = ie.VisionEncoder.from_pretrained(randomize_and_save(tmp_path / "other", projection_dim=40))
     with pytest.raises(checkpoint.CheckpointError, match="image embeddings are 40 wide, this IP-Adapter's image "
                                                          "projection takes 24") as e:
         ip.encode(other, torch.zeros(1, 3, 32, 32))

@@ -1,4 +1,4 @@
-"""text_encoders.py's CLIP vision towers and image preprocessing against transformers.
+"""image_encoders.py: CLIP's vision towers and image preprocessing against transformers.
 
 The tower against CLIPVisionModelWithProjection on identical random weights (every parameter,
 LayerNorms included): image embedding, penultimate and last hidden states; the full-size ViT-H/14
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import checkpoint
-import text_encoders as te
+import image_encoders as ie
 from tiny_pipelines import randomize, tiny_vision_config
 from util import max_rel_err
 
@@ -36,7 +36,7 @@ def test_vision_tower_matches_transformers(tmp_path, hidden_act):
     # files written before transformers 4.31, h94's among them, also hold the fixed position_ids
     file = tmp_path / "model.safetensors"
     save_file({**load_file(file), "vision_model.embeddings.position_ids": torch.arange(17)[None]}, file)
-    ours = te.VisionEncoder.from_pretrained(tmp_path)
+    ours = ie.VisionEncoder.from_pretrained(tmp_path)
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ref(pixels, output_hidden_states=True)
@@ -52,10 +52,10 @@ def test_vision_tower_matches_transformers(tmp_path, hidden_act):
 @pytest.mark.parametrize("name, config", [("ViT-H/14", H94_VIT_H), ("ViT-bigG/14", H94_VIT_BIGG)],
                          ids=["ViT-H/14", "ViT-bigG/14"])
 def test_full_size_vision_towers_have_every_official_key(name, config):
-    assert te.VisionConfig.from_hub(config) == te.VISION_PRESETS[name]()
+    assert ie.VisionConfig.from_hub(config) == ie.VISION_PRESETS[name]()
     with torch.device("meta"):
         ref = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
-        ours = te.VisionEncoder(te.VISION_PRESETS[name]())
+        ours = ie.VisionEncoder(ie.VISION_PRESETS[name]())
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == expected
     assert expected["vision_model.embeddings.position_embedding.weight"] == (257, config["hidden_size"])
@@ -80,10 +80,10 @@ def test_preprocessing_matches_clip_image_processor(side):
     images = random_images()
     # CLIPImageProcessor is this class where torchvision is absent (here); torchvision's bicubic differs
     expected = CLIPImageProcessorPil(size=side, crop_size=side)(images, return_tensors="pt").pixel_values
-    ours = te.ImageProcessor(side, (side, side))(images)
+    ours = ie.ImageProcessor(side, (side, side))(images)
     assert ours.shape == expected.shape == (len(images), 3, side, side) and ours.dtype == torch.float32
     assert (ours - expected).abs().max() < 1e-6
-    one = te.ImageProcessor(side, (side, side))(images[1])  # one image, not a list
+    one = ie.ImageProcessor(side, (side, side))(images[1])  # one image, not a list
     assert torch.equal(one, ours[1:2])
 
 
@@ -93,38 +93,38 @@ def test_preprocessing_reads_a_preprocessor_config(tmp_path):
               "do_center_crop": True, "do_rescale": True, "do_normalize": True}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     images = random_images()
-    processor = te.ImageProcessor.from_folder(tmp_path, image_size=224)
+    processor = ie.ImageProcessor.from_folder(tmp_path, image_size=224)
     expected = CLIPImageProcessorPil(**config)(images, return_tensors="pt").pixel_values
     assert expected.shape == (len(images), 3, 32, 36)
     assert (processor(images) - expected).abs().max() < 1e-6
     # without the file: CLIP's defaults at the encoder's image size
-    assert te.ImageProcessor.from_folder(tmp_path / "elsewhere", image_size=32) == te.ImageProcessor(32, (32, 32))
+    assert ie.ImageProcessor.from_folder(tmp_path / "elsewhere", image_size=32) == ie.ImageProcessor(32, (32, 32))
     for change, message in [({"do_center_crop": False}, "do_center_crop=false is not supported"),
                             ({"resample": 2}, "resample=2 is not supported")]:
         (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(checkpoint.CheckpointError, match=message):
-            te.ImageProcessor.from_folder(tmp_path, image_size=224)
+            ie.ImageProcessor.from_folder(tmp_path, image_size=224)
 
 
 def test_image_and_config_errors(tmp_path):
     with pytest.raises(ValueError, match="no such image file") as e:
-        te.read_image(tmp_path / "missing.png")
+        ie.read_image(tmp_path / "missing.png")
     assert "\n" not in str(e.value)
     (tmp_path / "garbage.png").write_bytes(b"not an image at all")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(tmp_path / "whole.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
     for name in ("garbage.png", "cut.png"):
         with pytest.raises(ValueError, match="not a readable image") as e:
-            te.read_image(tmp_path / name)
+            ie.read_image(tmp_path / name)
         assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
-    assert te.read_image(tmp_path / "whole.png").size == (64, 64)
+    assert ie.read_image(tmp_path / "whole.png").size == (64, 64)
     with pytest.raises(ValueError, match="expected PIL images"):
-        te.ImageProcessor(32, (32, 32))([torch.zeros(3, 32, 32)])
-    encoder = te.VisionEncoder(te.VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+        ie.ImageProcessor(32, (32, 32))([torch.zeros(3, 32, 32)])
+    encoder = ie.VisionEncoder(ie.VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=1, num_attention_heads=4, projection_dim=8))
     with pytest.raises(ValueError, match=r"expected \(B, 3, 32, 32\)"):
         encoder(torch.zeros(1, 3, 224, 224))
     with pytest.raises(checkpoint.CheckpointError, match="a whole CLIP model"):
-        te.VisionConfig.from_hub({"vision_config": {}, "text_config": {}})
+        ie.VisionConfig.from_hub({"vision_config": {}, "text_config": {}})
     with pytest.raises(checkpoint.CheckpointError, match="missing patch_size"):
-        te.VisionConfig.from_hub({k: v for k, v in H94_VIT_H.items() if k != "patch_size"})
+        ie.VisionConfig.from_hub({k: v for k, v in H94_VIT_H.items() if k != "patch_size"})
