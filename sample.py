@@ -198,8 +198,7 @@ def load_image_prompt(args, base, image_prompt):
         raise InputError(f"--ip-adapter {args.ip_adapter}: {e}") from None
     encoder = image_encoders.VisionEncoder.from_pretrained(folder, subfolder, dtype=args.dtype, device=args.device)
     tokens = ip.encode(encoder, encoder.processor([image]))  # (1, N, D)
-    base = ip_adapter.with_image_prompt(base, tokens, ip.null(1, encoder))
-    del encoder  # its work is done: ViT-bigG/14 is 2.5 GB in fp32
+    base = ip_adapter.with_image_prompt(base, tokens, ip.null(1, encoder))  # the encoder's work is done
     return base, (ip,), f", IP-Adapter {Path(file).name} at scale {args.ip_scale:g}"
 
 
