@@ -394,7 +394,11 @@ class Student(Attachment):
         """One safetensors file: the adapters' tensors, their options in its metadata."""
         meta = {"format": FORMAT, "config": json.dumps(asdict(self.config)), "model": type(self.model).__name__,
                 **{k: str(v) for k, v in metadata.items()}}
-        checkpoint.save_file(self.adapter_state_dict(), path, metadata=meta)
+        tensors = self.adapter_state_dict()
+        bad = checkpoint.non_finite(tensors)
+        if bad is not None:  # a diverged training: a file of NaNs would sample black images without a word
+            raise checkpoint.CheckpointError(f"{path}: not written: adapter tensor {bad} is not finite (nan or inf)")
+        checkpoint.save_file(tensors, path, metadata=meta)
 
 
 def attach(model, sites=None, **options):
@@ -440,5 +444,9 @@ def load(model, path):
         raise ValueError(f"adapters for a {made_for}, not a {type(model).__name__}")
     student = attach(model, **asdict(cfg))
     tensors = checkpoint.read_tensors(path)
+    bad = checkpoint.non_finite(tensors)
+    if bad is not None:
+        raise checkpoint.CheckpointError(f"{path}: tensor {bad} is not finite (nan or inf): these adapters come "
+                                         "from a diverged training")
     student.load_adapter_state_dict(tensors, source=str(path))
     return student.to(next(model.parameters()).device)

@@ -12,7 +12,9 @@ what was expected, so that the CLIs can print it without a traceback.
 
 import argparse
 import json
+import os
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -235,12 +237,53 @@ def load_into(model, tensors, source, checked=False):
     return model
 
 
-def save_file(tensors, file, metadata=None):
-    """Write safetensors atomically: a crash mid-write leaves the previous file intact."""
-    from safetensors.torch import save_file as _save
+def non_finite(tensors):
+    """The name of the first floating tensor holding a NaN or an infinity, or None."""
+    return next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
+
+class WriteError(CheckpointError):
+    """A file that could not be written (a full disk, say); the file as it was before is kept."""
+
+
+@contextmanager
+def atomic_write(file):
+    """Open a temp file beside `file` for writing; once written and fsynced, it replaces `file`.
+
+    A crash, a signal or a full disk mid-write leaves `file` as it was and the temp file removed; a
+    failed write is a WriteError naming the file. The fsync is where a full disk shows on file systems
+    that report it late (NFS), and makes the rename durable.
+    """
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")
-    _save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(file)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException as e:  # a signal too: no half-written temp file stays behind
+        tmp.unlink(missing_ok=True)
+        failed = os_error(e)
+        if failed is None:
+            raise
+        raise WriteError(f"{file}: could not be written ({failed.strerror or failed}); the file as it was before, "
+                         "if any, is kept") from None
+
+
+def os_error(e):
+    """The OSError that failed a write, if one did: torch.save reports a full disk as a RuntimeError of its
+    zip writer ("unexpected pos"), raised while it handles the OSError (ENOSPC) of the write itself."""
+    if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+        return e.__context__
+    return e if isinstance(e, OSError) else None
+
+
+def save_file(tensors, file, metadata=None):
+    """Write safetensors atomically (atomic_write): a crash or a full disk leaves the previous file intact."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_write(file) as f:  # written by Python, so that a full disk is an OSError (ENOSPC)
+        f.write(data)

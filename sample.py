@@ -46,6 +46,10 @@ class InputError(ValueError):
     """Input that cannot be sampled (a class the model lacks, a size its weights lack); one line for the user."""
 
 
+class NonFiniteSample(ValueError):
+    """A sample turned NaN or infinite: the message names the step and the sample, and no image is written."""
+
+
 # -----------------------------------------------------------------------------
 # denoisers: the model conditioned, guided, or with adapters
 
@@ -98,8 +102,40 @@ def sample_latents(base, conditions, noise, steps, cfg_scale=None, negative=None
     guided = student is None and cfg_scale is not None and (callable(cfg_scale) or cfg_scale != 1)
     needs_null = guided or (student is not None and student.takes_negative)
     null = base.null(len(noise), negative) if needs_null else None
-    return guidance.sample(denoiser(base.model, cond, null, cfg_scale, student, w, base.cfg_channels), noise.float(),
-                           base.scheduler, timesteps, generator=generator, progress=progress)
+    finite = FiniteCheck(len(timesteps))
+    x = guidance.sample(denoiser(base.model, cond, null, cfg_scale, student, w, base.cfg_channels), noise.float(),
+                        base.scheduler, timesteps, generator=generator, callback=finite, progress=progress)
+    finite.check(x, conditions)
+    return x
+
+
+class FiniteCheck:
+    """The sampler's callback that notes the first step at which each sample's denoiser output is not finite.
+
+    The note stays on the device, so that sampling never waits for it; `check` looks once, at the end.
+    """
+
+    def __init__(self, steps):
+        self.steps, self.first = steps, None  # (B,): each sample's first non-finite step; `steps` for none
+
+    def __call__(self, step):
+        bad = ~torch.isfinite(step["out"]).flatten(1).all(1)  # (B,)
+        if self.first is None:
+            self.first = torch.full(bad.shape, self.steps, device=bad.device)
+        self.first = torch.where(bad, self.first.clamp(max=step["i"]), self.first)
+
+    def check(self, x, conditions):
+        """Raise NonFiniteSample naming the first sample to turn non-finite (its output, or its final x)."""
+        last = torch.where(~torch.isfinite(x).flatten(1).all(1), self.steps - 1, self.steps)  # (B,)
+        first = torch.minimum(self.first, last).tolist() if self.first is not None else last.tolist()
+        bad = [b for b, s in enumerate(first) if s < self.steps]
+        if bad:
+            b = min(bad, key=lambda b: first[b])
+            c = conditions[b]
+            what = f"class {int(c)}" if torch.is_tensor(c) else f"prompt {c[:40]!r}"
+            more = f"; {len(bad) - 1} more samples did too" if len(bad) > 1 else ""
+            raise NonFiniteSample(f"sample {b} ({what}) turned non-finite (nan or inf) at step {first[b] + 1} of "
+                                  f"{self.steps}{more}; no image is written")
 
 
 def load_student(model, file, weights):
@@ -334,5 +370,5 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         main(args)
-    except (InputError, checkpoint.CheckpointError) as e:
+    except (InputError, NonFiniteSample, checkpoint.CheckpointError) as e:
         sys.exit(f"error: {e}")

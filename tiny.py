@@ -19,6 +19,7 @@ A fine-tune of the teacher in another style, on which adapters trained on the or
 tried (plug and play, bench/plug_and_play_tiny.py):
 
     python tiny.py finetune --style thick --steps 500      # -> runs/tiny-thick
+    python tiny.py finetune --style thick --lora 8         # a LoRA of it instead -> runs/tiny-thick-lora8
 """
 
 import argparse
@@ -40,6 +41,7 @@ import checkpoint
 import dit
 import fid
 import guidance
+import lora
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER = ASSETS / "tiny-dit-mnist"  # hub layout: transformer/, scheduler/
@@ -244,6 +246,15 @@ def teacher_loss(model, x0, y, t, noise, alphas_cumprod, prediction_type="v_pred
     return (mse + vlb).mean()
 
 
+def draw_batch(images, labels, batch_size, label_dropout, num_timesteps, g):
+    """(x0, y, t, noise) of a training step: random digits, labels dropped to the null class, timesteps, noise."""
+    idx = torch.randint(0, len(images), (batch_size,), generator=g)
+    x0, y = images[idx], labels[idx].clone()
+    y[torch.rand(batch_size, generator=g) < label_dropout] = NULL_CLASS  # trains the null class
+    t = torch.randint(0, num_timesteps, (batch_size,), generator=g)
+    return x0, y, t, torch.randn(x0.shape, generator=g)
+
+
 def train_teacher(images, labels, steps=4000, batch_size=64, lr=1e-3, label_dropout=0.1,
                   ema_decay=0.999, seed=0, on_checkpoint=None, every=500, start=None):
     """Train the tiny class-conditional DiT; return its EMA weights (what DiT samples with too).
@@ -264,11 +275,8 @@ def train_teacher(images, labels, steps=4000, batch_size=64, lr=1e-3, label_drop
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     bar = tqdm(range(steps), desc="teacher" if start is None else "fine-tune")
     for step in bar:
-        idx = torch.randint(0, len(images), (batch_size,), generator=g)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(batch_size, generator=g) < label_dropout] = NULL_CLASS  # trains the null class
-        t = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=g)
-        loss = teacher_loss(model, x0, y, t, torch.randn(x0.shape, generator=g), alphas_cumprod)
+        batch = draw_batch(images, labels, batch_size, label_dropout, len(alphas_cumprod), g)
+        loss = teacher_loss(model, *batch, alphas_cumprod)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -292,6 +300,23 @@ def finetune_teacher(teacher, images, labels, steps=500, lr=2e-4, ema_decay=0.99
     teacher's 0.999 a 500-step fine-tune's EMA would still be 61 % the weights it started from.
     """
     return train_teacher(images, labels, steps=steps, lr=lr, ema_decay=ema_decay, start=teacher, **kw)
+
+
+def finetune_lora(teacher, images, labels, rank, steps=500, batch_size=64, lr=1e-3, label_dropout=0.1, seed=0):
+    """A LoRA of `rank` on `teacher`'s attention and MLP layers (lora.dit_modules), trained on other digits
+    with the teacher's loss; returns it applied at run time (lora.save writes it), `teacher`'s weights unchanged.
+
+    A LoRA moves less than a full fine-tune per step, so a larger peak learning rate than finetune_teacher's.
+    """
+    g = torch.Generator().manual_seed(seed)
+    alphas_cumprod = guidance.linear_schedule()
+    applied = lora.attach(teacher, lora.dit_modules(teacher), rank, seed=seed)
+
+    def loss():
+        batch = draw_batch(images, labels, batch_size, label_dropout, len(alphas_cumprod), g)
+        return teacher_loss(teacher, *batch, alphas_cumprod)
+
+    return lora.train(applied, loss, steps, lr=lr, desc=f"LoRA rank {rank}")
 
 
 SCHEDULER_CONFIG = {  # what diffusers' DDPMScheduler reads: DiT's linear betas and learned variance; v (see above)
@@ -414,6 +439,12 @@ def main(args):
                               on_checkpoint=save)
         save(model)
         note = f"{args.steps} steps of batch {args.batch_size}"
+    elif args.lora:  # the LoRA alone, in peft's format, as diffusers names a pipeline's LoRA file
+        applied = finetune_lora(load_teacher(), STYLES[args.style](images), labels, args.lora, steps=args.steps,
+                                batch_size=args.batch_size, seed=args.seed)
+        lora.save(applied, Path(args.out) / "pytorch_lora_weights.safetensors")
+        note = (f"a rank-{args.lora} LoRA of {TEACHER.relative_to(ASSETS.parent)} on the digits in style "
+                f"{args.style!r} (tiny.{STYLES[args.style].__name__}), {args.steps} steps of batch {args.batch_size}")
     else:  # no checkpoints on the way: a folder with weights in it is a finished fine-tune
         model = finetune_teacher(load_teacher(), STYLES[args.style](images), labels, steps=args.steps,
                                  batch_size=args.batch_size, seed=args.seed)
@@ -423,7 +454,8 @@ def main(args):
     minutes = (time.time() - start) / 60
     folder = Path(args.out)
     options = {"teacher": f" --steps {args.steps} --batch-size {args.batch_size}",
-               "finetune": f" --style {args.style} --steps {args.steps} --batch-size {args.batch_size}"}
+               "finetune": f" --style {args.style} --steps {args.steps} --batch-size {args.batch_size}"
+                           + (f" --lora {args.lora}" if args.lora else "")}
     (folder / "README.md").write_text(
         f"# {folder.name}\n\nMade by `python tiny.py {args.what}{options.get(args.what, '')} --seed {args.seed}` "
         f"in {minutes:.1f} minutes on {torch.get_num_threads()} CPU threads; {note}.\nSee tiny.py for the recipe.\n")
@@ -439,12 +471,16 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="teacher: digits per step")
     p.add_argument("--epochs", type=int, default=None, help="classifier: epochs over 4,500 digits")
     p.add_argument("--style", choices=list(STYLES), default="thick", help="finetune: the digits' new style")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="finetune: train a LoRA of this rank (saved alone, peft format) instead of every weight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default: assets/..., finetune: runs/tiny-STYLE)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: assets/..., finetune: runs/tiny-STYLE[-loraRANK])")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     args.steps = args.steps or (500 if args.what == "finetune" else 4000)
-    args.out = args.out or {"classifier": CLASSIFIER, "teacher": TEACHER}.get(args.what, f"runs/tiny-{args.style}")
+    finetuned = f"runs/tiny-{args.style}" + (f"-lora{args.lora}" if args.lora else "")
+    args.out = args.out or {"classifier": CLASSIFIER, "teacher": TEACHER}.get(args.what, finetuned)
     return args
 
 

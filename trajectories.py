@@ -105,8 +105,13 @@ def collect_shard(base, plan, idx, w, generator, negatives=None):
         if step["i"] in keep:
             rows.append((step["x"].half().cpu(), step["t"], step["out"].half().cpu()))
 
-    guidance.sample(guidance.guided(base.model, w.to(device), cond, null, base.cfg_channels), x, base.scheduler, timesteps,
-                    generator=generator, callback=keep_step)
+    dtype = next(base.model.parameters()).dtype
+
+    def model(x, t, **c):  # samples stay fp32 between steps; a bf16 / fp16 base computes in its own dtype
+        return base.model(x.to(dtype), t, **c).float()
+
+    guidance.sample(guidance.guided(model, w.to(device), cond, null, base.cfg_channels), x, base.scheduler,
+                    timesteps, generator=generator, callback=keep_step)
     n, B = len(rows), len(idx)
     shard = {
         "x": torch.cat([r[0] for r in rows]),  # (N, C, H, W), N = n * B
@@ -216,8 +221,13 @@ def collect(base, plan, folder, rank=0, world=1):
         print_storage(base, plan, n_shards, folder)
     for k in tqdm(range(rank, n_shards, world), desc="collect", disable=rank != 0):
         file = folder / f"shard_{k:05d}.safetensors"
-        if not file.is_file():
-            checkpoint.save_file(make_shard(base, plan, k), file)
+        if not file.is_file():  # written atomically: an interrupt or a full disk leaves no partial shard
+            shard = make_shard(base, plan, k)
+            bad = checkpoint.non_finite(shard)
+            if bad is not None:
+                raise checkpoint.CheckpointError(f"{file}: not written: its {bad} is not finite (the base's CFG "
+                                                 "outputs overflowed; in float16, try --dtype bfloat16)")
+            checkpoint.save_file(shard, file)
     if world > 1:
         dist.barrier()
 

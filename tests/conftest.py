@@ -17,6 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests reaches the
 
 
 @pytest.fixture(scope="session")
+def sd15_root(tmp_path_factory):
+    """A tiny random SD 1.5 pipeline in the hub layout (tiny_pipelines.make_sd15)."""
+    from tiny_pipelines import make_sd15
+
+    return make_sd15(tmp_path_factory.mktemp("sd15"))
+
+
+@pytest.fixture(scope="session")
 def sd21_root(tmp_path_factory):
     """A tiny random SD 2.1 pipeline in the hub layout (tiny_pipelines.make_sd21)."""
     from tiny_pipelines import make_sd21  # imports diffusers: only where a test asks for it

@@ -1,11 +1,13 @@
-"""Tiny random SD 2.1 and SDXL pipelines, saved to disk in the official hub layout (test helper).
+"""Tiny random SD 1.5, SD 2.1 and SDXL pipelines, saved to disk in the official hub layout (test helper).
 
 Each builds the diffusers pipeline from tiny components with the official architectures' features
-(SD 2.1: linear projections, per-block head counts, upcast attention, v-prediction; SDXL: two text
-towers, the pooled text and size embedding, several transformer layers per block), the real CLIP
+(SD 1.5: 1x1-conv projections, one head count, OpenAI's CLIP; SD 2.1: linear projections, per-block
+head counts, upcast attention, v-prediction; SDXL: two text towers, the pooled text and size
+embedding, several transformer layers per block), the real CLIP
 tokenizers from assets/clip, and a scheduler, then writes it as the hub repos store it:
 
-    root = make_sd21(tmp_path)   # model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/
+    root = make_sd15(tmp_path)   # model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/
+    root = make_sd21(tmp_path)   # the same, tokenizer/, text_encoder/, unet/, vae/, scheduler/
     root = make_sdxl(tmp_path)   # ... plus tokenizer_2/, text_encoder_2/
     root = make_sd3(tmp_path)    # transformer/, vae/, scheduler/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(root)   # the reference, on the same files
@@ -70,9 +72,11 @@ def _tiny_vae(scaling_factor, force_upcast):
                          scaling_factor=scaling_factor, force_upcast=force_upcast)
 
 
-def _hub_layout(root, tokenizers, clip_text_models, scheduler):
-    """Rewrite what save_pretrained wrote into the hub's layout (see the module docstring)."""
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+def _hub_layout(root, tokenizers, clip_text_models, scheduler=None):
+    """Rewrite what save_pretrained wrote into the hub's layout (see the module docstring); `scheduler`: the
+    hub repo's scheduler config, verbatim, in place of the one diffusers wrote."""
+    if scheduler is not None:
+        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     for name, source in tokenizers.items():
         shutil.rmtree(root / name)
         shutil.copytree(source, root / name, copy_function=shutil.copyfile)  # assets are read-only
@@ -82,6 +86,26 @@ def _hub_layout(root, tokenizers, clip_text_models, scheduler):
         if not any(k.startswith("text_model.") for k in tensors):
             tensors = {"text_model." + k: v for k, v in tensors.items()}
         save_file(tensors, file, metadata={"format": "pt"})
+
+
+def make_sd15(tmp_path):
+    """A tiny random SD 1.5 pipeline saved under tmp_path; returns its root folder."""
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(tiny_text_config(32, "quick_gelu", projection_dim=16))  # OpenAI ViT-L/14
+    unet = UNet2DConditionModel(  # attention_head_dim: one head count for every level, as SD 1.5's 8
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4, cross_attention_dim=32, use_linear_projection=False, norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=_tiny_vae(0.18215, force_upcast=False), text_encoder=text_encoder,
+                                   tokenizer=CLIPTokenizer.from_pretrained(PAD_EOT), unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    root = Path(tmp_path) / "sd15"
+    pipe.save_pretrained(root)
+    # SD 2.1's DDIM config predicting epsilon (SD 1.5's hub config is PNDM's, which guidance.py does not follow)
+    _hub_layout(root, {"tokenizer": PAD_EOT}, ["text_encoder"], {**SD21_SCHEDULER, "prediction_type": "epsilon"})
+    return root
 
 
 def make_sd21(tmp_path, prediction_type="v_prediction"):
