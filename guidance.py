@@ -10,10 +10,10 @@ them). Models, CFG and adapter students all become one with a closure:
 
 A schedule gives (alpha_t, sigma_t) of x_t = alpha_t x_0 + sigma_t eps at a model timestep t:
 VP schedules (DiT, SD) from the `alphas_cumprod` of their betas, alpha^2 + sigma^2 = 1; flow
-matching (SD3) has alpha = 1 - sigma at sigma = t / 1000. Steps are plain functions of the model's output between two
-such pairs, `step(out, x, now, nxt, noise=None, **options)`, and `sample` runs one over a list of
-timesteps, reporting each step to a callback (what AGD's trajectory collection keeps, Algorithm 1
-of Jensen & Sadat 2025). A `Scheduler` puts a schedule, a step and its options together as a
+matching (SD3) has alpha = 1 - sigma at sigma = t / 1000. Steps are plain functions of the model's
+output between two such pairs, `step(out, x, now, nxt, noise=None, **options)`, and `sample` runs one
+over a list of timesteps, reporting each step to a callback (what AGD's trajectory collection keeps,
+Algorithm 1 of Jensen & Sadat 2025). A `Scheduler` puts a schedule, a step and its options together as a
 diffusers scheduler config describes them (`scheduler_from_config`), for DiT, SD and SD3 alike.
 """
 

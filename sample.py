@@ -313,7 +313,7 @@ def parse_args(argv=None):
                    "model's, 768 for SD 2.1, 1024 for SDXL and SD3)")
     s.add_argument("--width", type=int, help="image width in px (default: as --height)")
     s.add_argument("--no-t5", action="store_true", help="SD3 / SD3.5: leave T5-XXL out, zeros in its place "
-                   "(as StableDiffusion3Pipeline with text_encoder_3=None): 4.7 B parameters less to load")
+                   "(as StableDiffusion3Pipeline with text_encoder_3=None): 4.8 B parameters less to load")
     args = p.parse_args(argv)
 
     family = families.FAMILIES[args.model]

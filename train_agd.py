@@ -328,7 +328,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("SD3 / SD3.5 (--model sd3, sd35)")
     g.add_argument("--no-t5", action="store_true",
                    help="leave T5-XXL out: zeros in its tokens' place, as StableDiffusion3Pipeline with "
-                        "text_encoder_3=None (4.7 B parameters less to load; some cost to prompt following)")
+                        "text_encoder_3=None (4.8 B parameters less to load; some cost to prompt following)")
     g = p.add_argument_group("evaluation (tiny)")
     g.add_argument("--eval-w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
     g.add_argument("--eval-samples", type=int, default=500)
