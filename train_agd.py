@@ -286,7 +286,7 @@ def parse_args(argv=None):
     g.add_argument("--collect-batch", type=int, default=None, help="trajectories sampled at once (default: a shard)")
     g.add_argument("--prompt-file", default=str(ROOT / "prompts" / "agd_prompts.txt"),
                    help="SD: one prompt a line; trajectory i asks for prompt i mod their number")
-    g.add_argument("--resolution", type=int, help="SD: image side in pixels (default: the UNet's native one)")
+    g.add_argument("--resolution", type=int, help="SD: image side in pixels (default: the model's native one)")
     g.add_argument("--cfg-channels", type=lambda v: None if v == "all" else int(v), metavar="3|all",
                    help="DiT: the latent channels CFG guides in the trajectories: all (default, as diffusers), or 3, "
                         "as facebookresearch/DiT's forward_with_cfg and the official AGD code collect")

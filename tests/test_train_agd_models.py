@@ -251,6 +251,13 @@ def test_sdxl_trajectory_is_over_20x_smaller_than_the_official():
     assert official / ours >= 20, official / ours
 
 
+@pytest.mark.parametrize("model", ["sdxl", "tiny"])
+def test_no_t5_is_for_sd3(model, capsys):
+    with pytest.raises(SystemExit):
+        train_agd.parse_args(["--model", model, "--no-t5"])
+    assert f"--no-t5 is for SD3 / SD3.5; --model {model} has no T5 encoder" in capsys.readouterr().err
+
+
 def test_missing_prompt_file_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_agd.parse_args(["--model", "sdxl", "--prompt-file", str(tmp_path / "none.txt")])
