@@ -32,6 +32,7 @@ import torch
 import adapters
 import checkpoint
 import families
+import fast
 import guidance
 
 COLUMNS = 4  # images per row of the grid, as DiT's and AGD's sample.py
@@ -143,6 +144,7 @@ def generate(args, family):
         adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
     base = load_base(args, family)
     student = load_student(base.model, args.adapters, base.weights) if args.adapters else None
+    fast.speed_up(base.model, args.compile, args.cuda_graphs, args.channels_last)
     if family.conditioning == "class":
         conditions = torch.tensor(args.classes, device=args.device)
     else:
@@ -226,6 +228,7 @@ def parse_args(argv=None):
     s.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's, "
                    "768 for SD 2.1, 1024 for SDXL)")
     s.add_argument("--width", type=int, help="image width in px (default: as --height)")
+    fast.add_arguments(p)
     args = p.parse_args(argv)
 
     family = families.FAMILIES[args.model]

@@ -39,6 +39,7 @@ from tqdm import tqdm
 import adapters
 import checkpoint
 import families
+import fast
 import prompts
 import trajectories
 
@@ -247,6 +248,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-samples", type=int, default=500)
     g.add_argument("--eval-batch", type=int, default=100)
     g.add_argument("--no-eval", action="store_true")
+    fast.add_arguments(p)
     args = p.parse_args(argv)
     family = families.FAMILIES[args.model]
     for k, v in {**families.OFFICIAL_ADAPTERS, **family.train}.items():  # the model's defaults where not given
@@ -304,6 +306,7 @@ def load_base(args):
     base = families.load(args.model, args.weights, dtype=args.dtype, device=args.device,
                          height=args.resolution, width=args.resolution)
     base.model.gradient_checkpointing = bool(args.gradient_checkpointing)
+    fast.speed_up(base.model, args.compile, args.cuda_graphs, args.channels_last)  # collection and training alike
     return base
 
 
