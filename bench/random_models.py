@@ -162,7 +162,7 @@ def adapter_options(name, model):
 
     family = families.FAMILIES[name]
     defaults = {**families.OFFICIAL_ADAPTERS, **family.train}
-    options = {k: defaults[k] for k in train_agd.ADAPTER_OPTIONS}
+    options = {k: defaults[k] for k in train_agd.ADAPTER_OPTIONS if k in defaults}  # use_negative: off
     return families.Base(family, "random", model, None, None, None, None).adapter_options(**options)
 
 

@@ -22,7 +22,10 @@ from util import max_rel_err
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test traces anew: dynamo's caches and counters are the process's."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     yield
     torch._dynamo.reset()
 
