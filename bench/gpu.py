@@ -76,6 +76,10 @@ class Context:
     def left(self):
         return self.deadline - time.monotonic()
 
+    def px(self, name):
+        """The image side a family's rows are at (the dry run's tiny models: "tiny")."""
+        return "tiny" if self.dry else SIDE[name]
+
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -212,7 +216,7 @@ def step_section(ctx, name, batches):
                              f"{rel_err(calls['ours', 'base'](), calls['diffusers', 'base']()):.1e}, AGD "
                              f"{rel_err(calls['ours', 'agd'](), calls['diffusers', 'agd']()):.1e}")
             for (impl, k), (ms, best) in time_calls(ctx, calls, *runs(ctx, 10)).items():
-                ctx.record(model=name, px=SIDE[name], batch=B, impl=impl, mode="eager", layout=layout, variant=k,
+                ctx.record(model=name, px=ctx.px(name), batch=B, impl=impl, mode="eager", layout=layout, variant=k,
                            ms=ms, best_ms=best)
 
 
@@ -242,7 +246,7 @@ def image_section(ctx):
         start = time.perf_counter()
         image(method)
         ctx.sync()
-        ctx.record(model="sdxl", px=SIDE["sdxl"], steps=steps, method=method, seconds=time.perf_counter() - start,
+        ctx.record(model="sdxl", px=ctx.px("sdxl"), steps=steps, method=method, seconds=time.perf_counter() - start,
                    decode_seconds=decode)
 
 
@@ -276,7 +280,7 @@ def train_memory_section(ctx):
         peak, reserved, seconds = result or (None, None, None)
         gib = lambda v: None if v is None else v / GiB  # noqa: E731
         fits = result is not None and (cuda or batch <= DRY_LARGEST)  # on a GPU: no OOM under the cap
-        ctx.record(model="sdxl", px=SIDE["sdxl"], batch=batch, checkpointing=checkpointing, peak_gib=gib(peak),
+        ctx.record(model="sdxl", px=ctx.px("sdxl"), batch=batch, checkpointing=checkpointing, peak_gib=gib(peak),
                    reserved_gib=gib(reserved), seconds_per_step=seconds, fits_limit=fits if search else None)
         return fits, seconds
 
@@ -318,7 +322,7 @@ def collect_section(ctx):
     peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else \
         delta + sum(p.numel() * p.element_size() for m in (base.model, base.prompt_encoder) for p in m.parameters())
     stored = sum(v.numel() * v.element_size() for v in shard.values())
-    ctx.record(model="sdxl", px=SIDE["sdxl"], steps=plan.steps, batch=plan.batch, seconds=seconds,
+    ctx.record(model="sdxl", px=ctx.px("sdxl"), steps=plan.steps, batch=plan.batch, seconds=seconds,
                trajectories_per_minute=60 * plan.batch / seconds, peak_gib=peak / GiB,
                stored_mb_per_trajectory=stored / plan.batch / 1e6)
 
@@ -385,7 +389,7 @@ def compile_section(ctx):
             ctx.sync()
             took[name] = time.perf_counter() - start
             (ms, best), = time_calls(ctx, {k: f}, *runs(ctx, 10)).values()
-            ctx.record(model=name, px=SIDE[name], batch=B, impl=impl, mode=mode, layout="contiguous", variant=k,
+            ctx.record(model=name, px=ctx.px(name), batch=B, impl=impl, mode=mode, layout="contiguous", variant=k,
                        ms=ms, best_ms=best, compile_seconds=took[name],
                        graph_breaks=sum(counters["graph_break"].values()) - breaks)
 
@@ -504,6 +508,7 @@ def tables(results):
         out.append(f"| {name} | {s['status']} | {s.get('seconds', 0):.0f} | {s.get('limit', 0):.0f} |")
     out += ["", f"Device: {env.get('name')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
                 f"diffusers {env.get('diffusers')}, {env.get('dtype')}.", ""]
+    size = "tiny (dry run)" if results["dry_run"] else "1024 px"
     steps = [r for name in results["sections"] for r in rows(name) if "variant" in r]
     groups = {}
     for r in steps:
@@ -528,14 +533,14 @@ def tables(results):
         m["runs"].append(r["seconds"])
         m["seconds"] = statistics.mean(m["runs"])
     if image:
-        out += ["", "Seconds per SDXL 1024 px image (prompt encoding, sampling, decoding):", "",
+        out += ["", f"Seconds per SDXL {size} image (prompt encoding, sampling, decoding):", "",
                 "| method | steps | s / image | of which decoding | / CFG |", "| --- | --- | --- | --- | --- |"]
         for m, r in image.items():
             rel = f"{r['seconds'] / image['cfg']['seconds']:.3f}" if "cfg" in image else ""
             out.append(f"| {m.upper()} | {r['steps']} | {r['seconds']:.2f} | {r['decode_seconds']:.2f} | {rel} |")
     memory = rows("train_memory_sdxl")
     if memory:
-        out += ["", "Peak memory of train_agd.train, SDXL 1024 px (bf16 base, fp32 adapters, Adam):", "",
+        out += ["", f"Peak memory of train_agd.train, SDXL {size} (base in {env.get('dtype')}, fp32 adapters, Adam):", "",
                 "| batch | gradient checkpointing | peak allocated GiB | peak reserved GiB | s / step | "
                 "under the limit |",
                 "| --- | --- | --- | --- | --- | --- |"]
