@@ -38,6 +38,7 @@ import torch
 import adapters
 import checkpoint
 import families
+import fast
 import guidance
 import lora
 
@@ -222,6 +223,7 @@ def generate(args, family):
     if student is not None and negative is not None and not student.takes_negative:
         raise InputError(f"{args.adapters}: these adapters learned CFG against the null condition only; for a "
                          f"negative in one pass, train them with one (python train_agd.py --negatives 0.5)")
+    fast.speed_up(base.model, args.compile, args.cuda_graphs, args.channels_last)
     if family.conditioning == "class":
         conditions = torch.tensor(args.classes, device=args.device)
     else:
@@ -323,6 +325,7 @@ def parse_args(argv=None):
     g.add_argument("--lora", action="append", default=[], type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
                    help="fused into the base after loading, multiplier default 1.0; repeat for several. With "
                         "--adapters, the adapters of the base model act on the LoRA'd one")
+    fast.add_arguments(p)
     args = p.parse_args(argv)
 
     family = families.FAMILIES[args.model]

@@ -46,6 +46,7 @@ from tqdm import tqdm
 import adapters
 import checkpoint
 import families
+import fast
 import lora
 import prompts
 import runs
@@ -343,6 +344,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("when things go wrong (README: When things go wrong)")
     g.add_argument("--max-skips", type=int, default=Training.max_skips,
                    help="float16: stop after this many steps in a row that the loss scaler skipped (overflows)")
+    fast.add_arguments(p)
     args = p.parse_args(argv)
     family = families.FAMILIES[args.model]
     for k, v in {**families.OFFICIAL_ADAPTERS, **family.train}.items():  # the model's defaults where not given
@@ -414,6 +416,7 @@ def load_base(args):
                          t5=not args.no_t5)
     lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good: the base is the LoRA'd one
     base.model.gradient_checkpointing = bool(args.gradient_checkpointing)
+    fast.speed_up(base.model, args.compile, args.cuda_graphs, args.channels_last)  # collection and training alike
     return base
 
 
