@@ -434,6 +434,12 @@ def read_config(path):
         raise checkpoint.CheckpointError(f"{path}: adapter options this version does not know ({e})") from None
 
 
+def push_to_hub(run_folder, repo_id, token=None, private=False):
+    """Publish a training run's adapters (train_agd.py's --out) with its model card; `load(model, repo_id)` then
+    fetches them. Returns the repo's URL (hub.push_to_hub)."""
+    return hub.push_to_hub(run_folder, repo_id, token=token, private=private)
+
+
 def load(model, path):
     """Rebuild a student from `student.save(path)` on `model` (the base, or a fine-tune of it); `path`: a
     file, a training run's folder, or a hub id, "user/repo" or "user/repo/file.safetensors"."""

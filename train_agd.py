@@ -47,6 +47,7 @@ import adapters
 import checkpoint
 import families
 import fast
+import hub
 import lora
 import prompts
 import runs
@@ -344,9 +345,16 @@ def parse_args(argv=None):
     g = p.add_argument_group("when things go wrong (README: When things go wrong)")
     g.add_argument("--max-skips", type=int, default=Training.max_skips,
                    help="float16: stop after this many steps in a row that the loss scaler skipped (overflows)")
+    g = p.add_argument_group("sharing")
+    g.add_argument("--push-to-hub", metavar="USER/REPO",
+                   help="when done, upload the adapters with a model card (always written into --out as README.md), "
+                        "the sample grid and the run's figures to this hub repo (`hf auth login` first)")
+    g.add_argument("--hub-private", action="store_true", help="create that repo private")
     fast.add_arguments(p)
     args = p.parse_args(argv)
     family = families.FAMILIES[args.model]
+    if args.push_to_hub is not None and not hub.HUB_ID.fullmatch(args.push_to_hub):
+        p.error(f"--push-to-hub {args.push_to_hub}: not a hub repo id (user/repo)")
     for k, v in {**families.OFFICIAL_ADAPTERS, **family.train}.items():  # the model's defaults where not given
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -429,7 +437,8 @@ def free_memory(base):
 
 # On --resume these may differ from the options the run was made with (and are said); any other is an error.
 MAY_CHANGE = {"train_steps", "save_every", "max_skips", "device", "dtype", "gradient_checkpointing", "world",
-              "eval_w", "eval_samples", "eval_batch", "no_eval"}
+              "eval_w", "eval_samples", "eval_batch", "no_eval", "push_to_hub", "hub_private", "compile",
+              "cuda_graphs", "channels_last"}
 # What the stored trajectory shards depend on: compared whenever they are reused, --resume or not.
 DATA = {"model", "weights", "seed", "trajectories", "steps", "keep_steps", "w_min", "w_max", "shard_size",
         "collect_batch", "prompts", "resolution", "cfg_channels", "negatives", "negative_prompts", "no_t5"}
@@ -509,6 +518,7 @@ def run(args, signals=None):
         return
     if args.model != "tiny" or args.no_eval:
         print(f"adapters -> {out / 'adapters.safetensors'} ({(time.time() - start) / 60:.1f} min)")
+        share(out, args.push_to_hub, args.hub_private)
         return
     import tiny  # the tiny world's evaluation
 
@@ -522,6 +532,14 @@ def run(args, signals=None):
     tiny.save_grid(grids, out / "samples.png")
     tiny.print_table(results)
     print(f"-> {out / 'metrics.json'}, {out / 'samples.png'} ({metrics['minutes']:.1f} min)")
+    share(out, args.push_to_hub, args.hub_private)
+
+
+def share(out, repo_id=None, private=False):
+    """The run's model card into `out` (README.md, from its files), and, given a repo id, all of it to the hub."""
+    print(f"model card -> {hub.write_card(out, repo_id)}")
+    if repo_id is not None:
+        print(f"uploaded -> {hub.push_to_hub(out, repo_id, private=private)}")
 
 
 if __name__ == "__main__":
