@@ -377,7 +377,9 @@ def test_sample_py_errors(sd15_root, sdxl_root, tmp_path, capsys):
     for argv, message in [(["--model", "sd21", "--ip-image", "x.png"], "takes both --ip-adapter FILE and --ip-image"),
                           (["--model", "sdxl", "--ip-adapter", "x.bin", "--ip-scale", "1"], "takes both"),
                           (["--model", "dit", "--ip-adapter", "x.bin"], "--ip-adapter is not an option of --model"),
-                          (["--model", "tiny", "--ip-scale", "1"], "--ip-scale is not an option of --model tiny")]:
+                          (["--model", "tiny", "--ip-scale", "1"], "--ip-scale is not an option of --model tiny"),
+                          (["--model", "sd3", "--ip-adapter", "x.bin"], "--ip-adapter is not an option of --model sd3 "
+                                                                        "(IP-Adapters are for the UNets")]:
         with pytest.raises(SystemExit):
             sample.parse_args(argv)
         assert message in capsys.readouterr().err
