@@ -324,9 +324,14 @@ def load(model, file, scale=SCALE):
 
 
 def fetch(spec):
-    """(a local IP-Adapter file, its image encoder as VisionEncoder.from_pretrained takes it: (folder or hub
-    id, subfolder)) for a file, or a hub id user/repo/path/file ("h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.
-    safetensors"), fetched through the hub cache as hub.py fetches adapters; the encoder: encoder_folder's."""
+    """(a local IP-Adapter file, its image encoder as (folder or hub id, subfolder)) for a file, or for a hub
+    id user/repo/path/file, fetched through the hub cache as hub.py fetches adapters:
+
+        fetch("h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors")
+        # -> (<hub cache>/.../sdxl_models/ip-adapter_sdxl.safetensors, ("h94/IP-Adapter", "sdxl_models/image_encoder"))
+
+    The encoder is where encoder_folder says, in the same repo; VisionEncoder.from_pretrained fetches it.
+    """
     path, parts = Path(spec).expanduser(), str(spec).split("/")
     if path.exists() or str(spec).startswith((".", "/", "~")) or len(parts) < 3:
         return path, (encoder_folder(path), None)
