@@ -10,7 +10,9 @@ beside it) and loads the same file into the diffusers pipeline (`load_ip_adapter
   the same latents, and sample.py's images (--ip-adapter, --ip-image) the pipeline's from the same
   seed; fresh AGD adapters + the IP-Adapter in one UNet pass per step equal the pipeline at guidance 1;
 - the .bin twin loads as the safetensors file; the full-size files' shapes, key by key, on meta;
-- the one-line errors (another cross-attention width, an encoder that does not fit, bad files).
+- a hub id (h94/IP-Adapter/models/...) gives the local file's images, its encoder from the same repo;
+- the one-line errors (another cross-attention width, an encoder that does not fit, bad files, a
+  missing or unreadable image, options that do not go together).
 Cases: IP-Adapter and IP-Adapter Plus (the Resampler on the penultimate hidden states), for each.
 """
 
