@@ -1,19 +1,20 @@
-"""CLIP's tokenizer and text towers, as Stable Diffusion uses them (image_encoders.py: its vision towers).
+"""CLIP's tokenizer and text towers, as Stable Diffusion 2.1 and SDXL use them.
 
 Two pieces, read in order (prompts.py puts them together as the pipelines do):
 
     tok = Tokenizer.from_pretrained(root)            # CLIP's BPE: prompts -> ids (B, 77)
     te = TextEncoder.from_pretrained(root)           # a CLIP text tower: ids -> hidden states, pooled
 
-The towers are CLIP's (Radford et al., "Learning Transferable Visual Models From Natural Language
-Supervision", 2021): OpenAI's ViT-L/14 (SDXL's first text encoder), and OpenCLIP's ViT-H/14 (SD
-2.1's text encoder) and ViT-bigG/14 (SDXL's second text encoder; Cherti et al., "Reproducible
-scaling laws for contrastive language-image learning", 2023). Their transformer layer is the one
-CLIP's vision towers share (causal over text, full over image patches). Attribute names are the
-keys of the hub's transformers checkpoints (text_model.encoder.layers.0.self_attn.q_proj.weight,
-...), so loading is strict and mechanical. Every output equals what the diffusers pipelines use.
+The towers are CLIP's text transformer (Radford et al., "Learning Transferable Visual Models From
+Natural Language Supervision", 2021): OpenAI's ViT-L/14 (SDXL's first encoder), and OpenCLIP's
+ViT-H/14 (SD 2.1) and ViT-bigG/14 (SDXL's second; Cherti et al., "Reproducible scaling laws for
+contrastive language-image learning", 2023). Attribute names are the keys of the hub's
+transformers checkpoints (text_model.encoder.layers.0.self_attn.q_proj.weight, ...), so loading is
+strict and mechanical. Every output equals what the diffusers pipelines feed their UNet. The
+transformer layer is also CLIP's vision towers' (image_encoders.py), there without the causal mask.
 
-Letters in shape comments: B batch, T tokens (77), D hidden size, nh heads, hs head size, P projection size.
+Letters in shape comments: B batch, T tokens (77), D hidden size, nh heads, hs head size,
+P projection size.
 """
 
 import json
@@ -232,7 +233,6 @@ PRESETS = {
                                       num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
                                       with_projection=True),
 }
-
 
 # -----------------------------------------------------------------------------
 # blocks
