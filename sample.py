@@ -18,6 +18,9 @@ epsilon), CFG against the negative prompt or the model's own null condition, at 
 UNet was trained for unless --height and --width say otherwise. Adapters trained on a base model
 load as well onto a fine-tune of it (--weights): the base is never changed by training them.
 
+Adapters distilled to a few steps (train_agd.py --distill-steps) sample with their own sampler,
+deterministic DDIM at trailing spacing (distill.scheduler), in the steps their file records.
+
 Writes the images as one PNG grid and prints the seconds per sampler step.
 """
 
@@ -31,6 +34,7 @@ import torch
 
 import adapters
 import checkpoint
+import distill
 import families
 import guidance
 
@@ -142,6 +146,8 @@ def generate(args, family):
     if args.adapters:
         adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
     base = load_base(args, family)
+    if args.distilled and (family.conditioning == "prompt" or args.sampler == "ddim"):
+        base.scheduler = distill.scheduler(base)  # the sampler the adapters were distilled for
     student = load_student(base.model, args.adapters, base.weights) if args.adapters else None
     if family.conditioning == "class":
         conditions = torch.tensor(args.classes, device=args.device)
@@ -158,7 +164,8 @@ def generate(args, family):
     if base.vae is not None:
         with torch.no_grad():  # one image at a time: a batch of 1024 px images is large to decode at once
             images = base.vae.decode(z.to(args.device), batch_size=1).float().cpu()  # (B, 3, H, W) about [-1, 1]
-    how = describe(base.scheduler.name, args.steps, len(images), args.cfg, student, args.w)
+    sampler = base.scheduler.name + (f" at {base.scheduler.timestep_spacing} spacing" if args.distilled else "")
+    how = describe(sampler, args.steps, len(images), args.cfg, student, args.w)
     return (images / 2 + 0.5).clamp(0, 1), seconds, how
 
 
@@ -186,6 +193,15 @@ def save_grid(images, file, columns=COLUMNS):
 # -----------------------------------------------------------------------------
 # CLI
 
+
+def distilled_steps(file):
+    """The steps that distilled adapters were trained for; None for AGD's, or for a file generate() will report."""
+    try:
+        return distill.read_steps(file)
+    except (checkpoint.CheckpointError, OSError):
+        return None
+
+
 CLASS_OPTIONS = ("classes", "image_size", "sampler")  # what only class-conditioned models take (dit, tiny)
 PROMPT_OPTIONS = ("prompt", "negative_prompt", "num_images", "height", "width")  # and only prompted ones (sd21, sdxl)
 
@@ -201,10 +217,11 @@ def parse_args(argv=None):
                    f"{families.ORIGINAL_VAE} for a .pt)")
     p.add_argument("--cfg", type=float, help="CFG scale w; 1 is no guidance (default: dit and tiny 4.0, "
                    "sd21 and sdxl 7.5)")
-    p.add_argument("--adapters", help="AGD adapters file: sample in one pass per step at scale --w, instead of CFG")
+    p.add_argument("--adapters", help="AGD adapters file: sample in one pass per step at scale --w, instead of CFG "
+                   "(distilled ones: with their DDIM, in the steps they were distilled to)")
     p.add_argument("--w", type=float, help="the guidance scale asked of the adapters (default: as --cfg)")
     p.add_argument("--steps", type=int, help="sampler steps (default: dit 250 ddpm, 50 ddim; tiny 25; "
-                   "sd21 and sdxl 50)")
+                   "sd21 and sdxl 50; distilled --adapters: the steps they were distilled to)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -241,6 +258,7 @@ def parse_args(argv=None):
     if args.adapters is not None and args.negative_prompt is not None:
         p.error("--negative-prompt is what CFG guides away from; adapters learned CFG against the null "
                 "condition, and take none")
+    args.distilled = distilled_steps(args.adapters) if args.adapters else None
     args.cfg = None if args.adapters else defaults["cfg"] if args.cfg is None else args.cfg
     args.w = (defaults["cfg"] if args.w is None else args.w) if args.adapters else None
     if prompted:
@@ -251,11 +269,11 @@ def parse_args(argv=None):
         for flag, side in (("--height", args.height), ("--width", args.width)):
             if side is not None and side < 1:
                 p.error(f"{flag} must be positive, got {side}")
-        default_steps = defaults["steps"]
+        default_steps = args.distilled or defaults["steps"]
     else:
-        args.sampler = args.sampler or "ddpm"
+        args.sampler = args.sampler or ("ddim" if args.distilled else "ddpm")
         args.classes = args.classes or defaults["classes"]
-        default_steps = defaults["steps"][args.sampler]
+        default_steps = args.distilled or defaults["steps"][args.sampler]
     args.steps = default_steps if args.steps is None else args.steps
     if not 1 <= args.steps <= 1000:
         p.error(f"--steps must be in [1, 1000] (the training timesteps), got {args.steps}")

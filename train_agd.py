@@ -14,9 +14,12 @@
    weights stay fp32 under autocast; Adam, linear warm-up over 10 % of the steps, then cosine decay.
    The state is checkpointed atomically every --save-every steps; --resume continues from it,
    exactly: a step's batch depends only on (seed, rank, step).
-3. Evaluate (tiny world; tiny.py): the teacher without guidance, with CFG and with adapters, from
+3. Distill steps (--distill-steps N; distill.py): rounds of progressive distillation halve the
+   adapters' deterministic DDIM steps down to N, the base still frozen; --adapters FILE distills
+   given adapters instead of training them.
+4. Evaluate (tiny world; tiny.py): the teacher without guidance, with CFG and with adapters, from
    the same noise, at several w: digit FID, class accuracy and seconds per image -> metrics.json,
-   samples.png and a table.
+   samples.png and a table; with --distill-steps, CFG, AGD and the distilled adapters against steps.
 
 Under torchrun every rank collects its share of the shards, then trains on its part of each batch;
 gradients are averaged across ranks (data parallel) and rank 0 writes the checkpoints.
@@ -242,6 +245,14 @@ def parse_args(argv=None):
                         "(default: on for dit, sd21 and sdxl)")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint the training state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    g = p.add_argument_group("step distillation (distill.py)")
+    g.add_argument("--distill-steps", type=int, help="after training, halve the adapters' DDIM steps round by "
+                   "round down to N (progressive distillation); each round's adapters -> <out>/adapters_<S>steps.safetensors")
+    g.add_argument("--adapters", help="an adapters file to distill instead of training AGD adapters first")
+    g.add_argument("--distill-from", type=int, help="the first teacher's steps, N x a power of 2 (default: the most up "
+                   "to the model's DDIM default, tiny 24 for N = 6; a distilled --adapters file: its steps)")
+    g.add_argument("--distill-train-steps", type=int, help="training steps per round")
+    g.add_argument("--distill-lr", type=float, help="peak learning rate of each round")
     g = p.add_argument_group("evaluation (tiny)")
     g.add_argument("--eval-w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
     g.add_argument("--eval-samples", type=int, default=500)
@@ -268,7 +279,34 @@ def parse_args(argv=None):
             p.error("--modulation is for DiTs (adaLN); a UNet takes its adapters beside attn2")
         if not Path(args.prompt_file).is_file() or not prompts.read_prompts(args.prompt_file):
             p.error(f"--prompt-file {args.prompt_file}: no such file, or no prompts in it")
+    check_distillation(p, args, family)
     return args
+
+
+def check_distillation(p, args, family):
+    """The step distillation flags: their defaults (distill.DEFAULTS) and what they must agree on."""
+    if args.distill_steps is None:
+        if args.adapters is not None:
+            p.error("--adapters names adapters to distill: give --distill-steps too")
+        return
+    import distill
+
+    for k, v in distill.DEFAULTS[args.model].items():
+        if getattr(args, f"distill_{k}", None) is None:
+            setattr(args, f"distill_{k}", v)
+    try:
+        given = distill.read_steps(args.adapters) if args.adapters else None  # a distilled file goes on from its steps
+    except (checkpoint.CheckpointError, FileNotFoundError) as e:
+        p.error(f"--adapters: {e}")
+    ddim = family.sample["steps"]["ddim"] if family.conditioning == "class" else family.sample["steps"]
+    args.distill_from = args.distill_from or given or distill.start_steps(args.distill_steps, ddim)
+    if given is not None and args.distill_from != given:
+        p.error(f"--adapters {args.adapters} were distilled to {given} steps: they halve from there, not from "
+                f"{args.distill_from}")
+    try:
+        distill.round_steps(args.distill_from, args.distill_steps)
+    except ValueError as e:
+        p.error(f"--distill-from / --distill-steps: {e}")
 
 
 def default_dtype(args):
@@ -307,6 +345,43 @@ def load_base(args):
     return base
 
 
+def train_adapters(args, family, base, out):
+    """Algorithms 1 and 2 as the CLI asks: collect (or --online), then train; returns the student."""
+    plan = collection_plan(args, family)
+    if args.online:
+        source = trajectories.OnlineBuffer(base, plan, args.buffer_shards, args.refresh_every, args.rank, args.world)
+    else:
+        trajectories.collect(base, plan, out / "trajectories", args.rank, args.world)
+        data = trajectories.load_shards(out / "trajectories")
+        source = lambda step: data  # noqa: E731
+    torch.manual_seed(args.seed)  # the adapters' initialization (and their random Fourier features)
+    options = base.adapter_options(**{k: getattr(args, k) for k in ADAPTER_OPTIONS})
+    student = adapters.attach(base.model, **options)  # fp32 adapters beside the frozen base
+    n_adapter, n_base = student.num_parameters()
+    if args.rank == 0:
+        dtype = str(next(base.model.parameters()).dtype).removeprefix("torch.")
+        print(f"adapters: {n_adapter:,} parameters ({100 * n_adapter / n_base:.1f} % of the base's {n_base:,}); "
+              + ("online teacher" if args.online else f"{len(data['x']):,} training pairs")
+              + f"; base in {dtype}, batch {args.batch_size} over {args.world} rank(s)")
+    hp = Training(args.train_steps, args.batch_size, args.lr, args.loss, args.save_every, args.seed)
+    train(student, source, hp, out, args.resume, args.rank, args.world)
+    if args.rank == 0:
+        student.save(out / "adapters.safetensors", base=base.weights)
+    return student
+
+
+def distillation_plan(args, family):
+    """The CLI's step distillation flags as a distill.Distillation."""
+    import distill
+
+    return distill.Distillation(
+        steps=args.distill_steps, start=args.distill_from, train_steps=args.distill_train_steps,
+        batch_size=args.batch_size, lr=args.distill_lr, w_min=args.w_min, w_max=args.w_max,
+        shard_size=args.distill_shard_size, batch=args.collect_batch, buffer_shards=args.distill_buffer_shards,
+        refresh_every=args.distill_refresh_every, save_every=args.save_every, seed=args.seed,
+        prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None)
+
+
 def main(args):
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -315,45 +390,44 @@ def main(args):
     init_distributed(args)
     try:
         base = load_base(args)
-        plan = collection_plan(args, family)
-        if args.online:
-            source = trajectories.OnlineBuffer(base, plan, args.buffer_shards, args.refresh_every, args.rank,
-                                               args.world)
-        else:
-            trajectories.collect(base, plan, out / "trajectories", args.rank, args.world)
-            data = trajectories.load_shards(out / "trajectories")
-            source = lambda step: data  # noqa: E731
-        torch.manual_seed(args.seed)  # the adapters' initialization (and their random Fourier features)
-        options = base.adapter_options(**{k: getattr(args, k) for k in ADAPTER_OPTIONS})
-        student = adapters.attach(base.model, **options)  # fp32 adapters beside the frozen base
-        n_adapter, n_base = student.num_parameters()
-        if args.rank == 0:
-            dtype = str(next(base.model.parameters()).dtype).removeprefix("torch.")
-            print(f"adapters: {n_adapter:,} parameters ({100 * n_adapter / n_base:.1f} % of the base's {n_base:,}); "
-                  + ("online teacher" if args.online else f"{len(data['x']):,} training pairs")
-                  + f"; base in {dtype}, batch {args.batch_size} over {args.world} rank(s)")
-        hp = Training(args.train_steps, args.batch_size, args.lr, args.loss, args.save_every, args.seed)
-        train(student, source, hp, out, args.resume, args.rank, args.world)
-        if args.rank == 0:
-            student.save(out / "adapters.safetensors", base=base.weights)
+        student = train_adapters(args, family, base, out) if args.adapters is None else None
+        source = Path(args.adapters or out / "adapters.safetensors")
+        if args.distill_steps is not None:
+            import distill
+
+            if student is not None:
+                student.detach()  # its file is the first teacher
+            student, files, diagnosis = distill.distill(base, source, distillation_plan(args, family), out,
+                                                        args.resume, args.rank, args.world)
     finally:
         if args.world > 1:
             dist.destroy_process_group()
     if args.rank != 0:
         return
+    last = files[-1] if args.distill_steps is not None else source
     if args.model != "tiny" or args.no_eval:
-        print(f"adapters -> {out / 'adapters.safetensors'} ({(time.time() - start) / 60:.1f} min)")
+        print(f"adapters -> {last} ({(time.time() - start) / 60:.1f} min)")
         return
     import tiny  # the tiny world's evaluation
 
-    student.eval()
-    results, grids = tiny.evaluate(base, student, args.steps, args.eval_w, args.eval_samples, args.eval_batch,
-                                   args.seed + 1)
-    metrics = {"results": results, "model": args.model, "weights": base.weights, "trajectories": args.trajectories,
-               "steps": args.steps, "train_steps": args.train_steps, "eval_samples": args.eval_samples,
-               "adapter_parameters": n_adapter, "base_parameters": n_base, "minutes": (time.time() - start) / 60}
+    n_adapter, n_base = student.num_parameters()
+    metrics = {"model": args.model, "weights": base.weights, "trajectories": args.trajectories, "steps": args.steps,
+               "train_steps": args.train_steps, "eval_samples": args.eval_samples, "adapter_parameters": n_adapter,
+               "base_parameters": n_base}
+    if args.distill_steps is None:
+        student.eval()
+        results, grids = tiny.evaluate(base, student, args.steps, args.eval_w, args.eval_samples, args.eval_batch,
+                                       args.seed + 1)
+        tiny.save_grid(grids, out / "samples.png")
+    else:
+        distilled = {distill.read_steps(f): adapters.load(base.model, f) for f in files}
+        results, rows = tiny.evaluate_steps(base, adapters.load(base.model, source), distilled, distill.scheduler(base),
+                                            args.eval_w, args.eval_samples, args.eval_batch, args.seed + 1, args.steps)
+        tiny.save_rows(rows, out / "samples.png")
+        tiny.plot_steps(results, out / "steps.png")
+        metrics.update(distill_train_steps=args.distill_train_steps, distillation=diagnosis)
+    metrics = {"results": results, **metrics, "minutes": (time.time() - start) / 60}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    tiny.save_grid(grids, out / "samples.png")
     tiny.print_table(results)
     print(f"-> {out / 'metrics.json'}, {out / 'samples.png'} ({metrics['minutes']:.1f} min)")
 
