@@ -64,14 +64,20 @@ DEFAULTS = {
 
 
 def scheduler(base):
-    """A base's distilled sampler: deterministic DDIM at trailing spacing, with its own schedule, prediction
-    and clipping (DiT: families.dit_scheduler(weights, "ddim"); SD: its repo's config as a DDIMScheduler)."""
+    """A base's distilled sampler: deterministic DDIM at trailing spacing, with its own schedule and
+    prediction (DiT: families.dit_scheduler(weights, "ddim"); SD: its repo's config as a DDIMScheduler).
+
+    x_0 is not clipped. Unclipped, a step is linear in the model's output, so that the target of
+    `one_step_target` lands exactly; and clipping x_0 while keeping the unclipped epsilon, as diffusers'
+    DDIM does where a config asks (the tiny teacher's, for its DDPM sampler), compounds over the steps:
+    the tiny teacher's CFG samples at w = 3 in 24 steps have digit FID 393 clipped, 62 unclipped.
+    """
     if base.family.conditioning == "class":
         ddim = families.dit_scheduler(base.weights, "ddim")
     else:
         config = guidance.read_scheduler_config(base.weights)
         ddim = guidance.scheduler_from_config({**config, "_class_name": "DDIMScheduler"})
-    return replace(ddim, timestep_spacing="trailing", options={**ddim.options, "eta": 0.0})
+    return replace(ddim, timestep_spacing="trailing", options={**ddim.options, "eta": 0.0, "clip_sample": None})
 
 
 def round_steps(start, steps):
@@ -112,8 +118,7 @@ def one_step_target(x, x_target, now, nxt, prediction_type):
     is linear in the predicted x_0, and the x_0 that lands on x_target is Salimans & Ho's (2022,
     Algorithm 2) x~ = (x_target - (sigma' / sigma) x) / (alpha' - (sigma' / sigma) alpha). The model
     predicts x_0 only through its own output, so the target is that output: v = (alpha x - x~) / sigma,
-    or eps = (x - alpha x~) / sigma. (Where a scheduler clips x_0, as the tiny teacher's does, a
-    step lands there only where x~ is within the clip range.)
+    or eps = (x - alpha x~) / sigma. (The distilled sampler does not clip x_0: see `scheduler`.)
     """
     (alpha, sigma), (alpha_next, sigma_next) = now, nxt
     x0 = (x_target - (sigma_next / sigma) * x) / (alpha_next - (sigma_next / sigma) * alpha)
