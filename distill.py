@@ -32,8 +32,6 @@ Round r, from 2S to S steps:
 Letters in shape comments: N rows (student steps x trajectories), B batch, C channels, H W size.
 """
 
-import json
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -53,7 +51,7 @@ SAMPLER = "ddim-trailing"  # the metadata's name of the distilled sampler
 # teacher trajectories per shard, shards held, steps between new shards. tiny: measured (README);
 # the others are not measured yet (no GPU was lent to this work): a round at AGD's learning rate.
 DEFAULTS = {
-    "tiny": dict(train_steps=800, lr=2e-3, shard_size=50, buffer_shards=4, refresh_every=25),
+    "tiny": dict(train_steps=800, lr=5e-3, shard_size=50, buffer_shards=4, refresh_every=25),
     "dit": dict(train_steps=4000, lr=1e-4, shard_size=32, buffer_shards=4, refresh_every=50),
     "sd21": dict(train_steps=2000, lr=1e-4, shard_size=16, buffer_shards=4, refresh_every=50),
     "sdxl": dict(train_steps=2000, lr=1e-4, shard_size=16, buffer_shards=4, refresh_every=50),
@@ -328,12 +326,14 @@ def reproduced(base, sched, teacher, student, hp, round):
         cond = trajectories.batch_condition(rows, i, device, dtype)
         o0 = teacher(x, t, w=w, **cond)[:, :C].float().cpu()  # the student's one step before the round
         o = student(x, t, w=w, **cond)[:, :C].float().cpu()
-        need, got, left = (rows["target"][i] - o0).flatten(1), (o - o0).flatten(1), (o - rows["target"][i]).flatten(1)
+        target = rows["target"][i]
+        need, got, left = (target - o0).flatten(1), (o - o0).flatten(1), (o - target).flatten(1)
         sums.append(torch.stack([(got * need).sum(1), need.pow(2).sum(1), left.pow(2).sum(1)], 1))  # (B, 3)
     sums = torch.cat(sums)  # (N, 3): per row <got, need>, |need|^2, |left|^2
 
     def fit(s):
-        return {"coefficient": (s[:, 0].sum() / s[:, 1].sum()).item(), "residual": (s[:, 2].sum() / s[:, 1].sum()).item()}
+        return {"coefficient": (s[:, 0].sum() / s[:, 1].sum()).item(),
+                "residual": (s[:, 2].sum() / s[:, 1].sum()).item()}
 
     per_step = [{"t": t, **fit(sums[rows["t"] == t])} for t in grid[::2].tolist()]
     return {"steps": steps, **fit(rows["weight"][:, None] * sums), "per_step": per_step}

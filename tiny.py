@@ -335,7 +335,8 @@ def generate(base, denoisers, steps, n, seed, batch_size, samplers=None):
             x = torch.randn((len(idx), *base.shape), generator=g).to(device)
             scheduler, k = samplers[name]
             start = time.perf_counter()
-            images[name].append(guidance.sample(make(cond, null), x, scheduler, scheduler.timesteps(k), generator=g).cpu())
+            images[name].append(guidance.sample(make(cond, null), x, scheduler, scheduler.timesteps(k),
+                                                generator=g).cpu())
             seconds[name].append((time.perf_counter() - start) / len(idx))
     return {k: torch.cat(v) for k, v in images.items()}, {k: float(np.median(v)) for k, v in seconds.items()}
 

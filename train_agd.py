@@ -247,7 +247,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     g = p.add_argument_group("step distillation (distill.py)")
     g.add_argument("--distill-steps", type=int, help="after training, halve the adapters' DDIM steps round by "
-                   "round down to N (progressive distillation); each round's adapters -> <out>/adapters_<S>steps.safetensors")
+                   "round down to N (progressive distillation): <out>/adapters_<S>steps.safetensors for each round")
     g.add_argument("--adapters", help="an adapters file to distill instead of training AGD adapters first")
     g.add_argument("--distill-from", type=int, help="the first teacher's steps, N x a power of 2 (default: the most up "
                    "to the model's DDIM default, tiny 24 for N = 6; a distilled --adapters file: its steps)")

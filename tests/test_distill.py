@@ -221,8 +221,8 @@ def test_sdxl_collect_train_distill_sample(tmp_path, sdxl_root):
 def test_tiny_distill_and_evaluate(tmp_path):
     """The tiny world's run at toy size: the rows of metrics.json, the figures, the diagnosis; sample.py on the file."""
     args = train_agd.parse_args(["--out", str(tmp_path), "--trajectories", "20", "--steps", "4", "--shard-size", "10",
-                                 "--train-steps", "4", "--batch-size", "8", "--eval-samples", "20", "--eval-batch", "10",
-                                 "--eval-w", "3.0", "--distill-steps", "1", "--distill-from", "4",
+                                 "--train-steps", "4", "--batch-size", "8", "--eval-samples", "20", "--eval-batch",
+                                 "10", "--eval-w", "3.0", "--distill-steps", "1", "--distill-from", "4",
                                  "--distill-train-steps", "3"])
     args.distill_shard_size = 5
     train_agd.main(args)
