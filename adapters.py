@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import hub
 
 FORMAT = "agd-adapters/1"  # metadata tag of the saved file
 
@@ -155,9 +156,13 @@ class AdapterConfig:
     hidden_dim: int = 256  # h: width of the condition tokens and of the attention (paper, DiT-XL/2)
     num_heads: int = 1  # of the adapter's cross-attention
     mlp_ratio: float = 4.0  # of the MLPs that embed scalars (w, t) after their Fourier features
+    w_scale: float = 1.0  # w is multiplied by it before its Fourier features (the official code's cfg_mult:
+    #                       1000 for its additive adapter on DiT; 1 for its cross-attention adapter)
     use_timestep: bool = False  # also condition on t (scaled by 1 / num_train_timesteps)
     num_classes: int = 0  # > 0: also condition on the class label `y` (DiT; includes the null class)
     prompt_dim: int = 0  # > 0: also condition on the prompt tokens `context` of this width (SD)
+    negative_classes: int = 0  # > 0: also condition on the negative class (DiT; the null class: no negative)
+    negative_prompt_dim: int = 0  # > 0: also condition on the negative prompt's tokens of this width (SD)
     modulation: bool = False  # ours: also an additive adapter on every `adaLN_modulation` (DiT; see above)
     zero_at_w1: bool = False  # ours, not the official code's: scale the adapters' output by (w - 1), so that
     #                           at w = 1 the student is the conditional model exactly, as CFG is, and small
@@ -206,26 +211,33 @@ def token_positions(n, dim):
 
 
 class ConditionEmbedder(nn.Module):
-    """(w, t, y, context) -> condition tokens (B, S, h): one per scalar and label, one per prompt token."""
+    """(w, t, y, context, and the negative's) -> condition tokens (B, S, h): one per scalar and label, and
+    the prompt's tokens (B, L, h), the negative prompt's after them."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.guidance = ScalarEmbedder(cfg.hidden_dim, cfg.mlp_ratio)
-        self.timestep = ScalarEmbedder(cfg.hidden_dim, cfg.mlp_ratio) if cfg.use_timestep else None
-        self.label = nn.Embedding(cfg.num_classes, cfg.hidden_dim) if cfg.num_classes else None
-        self.prompt = nn.Linear(cfg.prompt_dim, cfg.hidden_dim) if cfg.prompt_dim else None
+        h = cfg.hidden_dim
+        self.guidance = ScalarEmbedder(h, cfg.mlp_ratio)
+        self.timestep = ScalarEmbedder(h, cfg.mlp_ratio) if cfg.use_timestep else None
+        self.label = nn.Embedding(cfg.num_classes, h) if cfg.num_classes else None
+        self.prompt = nn.Linear(cfg.prompt_dim, h) if cfg.prompt_dim else None
+        self.negative_label = nn.Embedding(cfg.negative_classes, h) if cfg.negative_classes else None
+        self.negative_prompt = nn.Linear(cfg.negative_prompt_dim, h) if cfg.negative_prompt_dim else None
 
-    def forward(self, w, t=None, y=None, context=None):
-        """(one token per scalar and label (B, S, h), the prompt's tokens (B, L, h) or None)."""
-        tokens = [self.guidance(w)]
+    def forward(self, w, t=None, y=None, context=None, negative_y=None, negative_context=None):
+        """(one token per scalar and label (B, S, h), the prompts' tokens (B, L, h) or None)."""
+        tokens = [self.guidance(w * self.cfg.w_scale)]
         if self.timestep is not None:
             tokens.append(self.timestep(t.float() / self.cfg.num_train_timesteps))
         if self.label is not None:
             tokens.append(self.label(y))
+        if self.negative_label is not None:
+            tokens.append(self.negative_label(negative_y))
         tokens = torch.stack(tokens, dim=1)  # (B, S, h)
-        prompt = self.prompt(context.to(tokens.dtype)) if self.prompt is not None else None  # (B, L, h)
-        return tokens, prompt
+        prompts = [m(c.to(tokens.dtype)) for m, c in ((self.prompt, context), (self.negative_prompt, negative_context))
+                   if m is not None]  # each (B, L, h)
+        return tokens, torch.cat(prompts, dim=1) if prompts else None
 
 
 class CrossAttentionAdapter(nn.Module):
@@ -292,7 +304,7 @@ def init_adapter(adapter):
 class Student(Attachment):
     """A base model with guidance-conditioned adapters beside its sites; `student(x, t, w=w, **cond)`."""
 
-    keys = ("w",)
+    keys = ("w", "negative")
 
     def __init__(self, model, sites, cfg):
         super().__init__(model, sites)
@@ -309,18 +321,30 @@ class Student(Attachment):
         """The names of the modules the adapters sit beside, in order."""
         return [s.name for s in self.sites]
 
-    def prepare(self, w, t, y=None, context=None, **_):
-        """What the adapters read: w and t per sample; the class or the prompt tokens where they use them."""
+    @property
+    def takes_negative(self):
+        """Whether these adapters read the negative condition (trained on CFG against random negatives)."""
+        return bool(self.config.negative_classes or self.config.negative_prompt_dim)
+
+    def prepare(self, w, t, y=None, context=None, negative=None, **_):
+        """What the adapters read: w and t per sample; the class or the prompt tokens where they use them,
+        and the negative condition's (a cond dict: the null condition where there is no negative)."""
         c = self.config
         if c.num_classes and y is None:
             raise ValueError("these adapters condition on the class: pass y= to student.condition()")
         if c.prompt_dim and context is None:
             raise ValueError("these adapters condition on the prompt: pass context= to student.condition()")
+        if self.takes_negative and negative is None:
+            raise ValueError("these adapters condition on the negative: pass negative= (the null condition "
+                             "where there is no negative)")
+        negative_y = negative["y"] if c.negative_classes else None
+        negative_context = negative["context"] if c.negative_prompt_dim else None
         device = next(self.adapters.parameters()).device
         w = torch.as_tensor(w, dtype=torch.float32, device=device).reshape(-1)  # a number, or one per sample
         t = torch.as_tensor(t, device=device).reshape(-1)
         B = max(len(w), len(t), *(len(v) for v in (y, context) if v is not None))
-        return {"w": w.expand(B), "t": t.expand(B), "y": y, "context": context}
+        return {"w": w.expand(B), "t": t.expand(B), "y": y, "context": context, "negative_y": negative_y,
+                "negative_context": negative_context}
 
     def output(self, i, module, args, output, condition):
         x = args[0]  # the site's input: (B, T, D) tokens, or (B, D) for a "vector" site
@@ -337,12 +361,13 @@ class Student(Attachment):
             delta = delta * (w - 1).view(-1, *[1] * (delta.dim() - 1))
         return output + delta.to(output.dtype)
 
-    def forward(self, x, t, w, **cond):
-        """One pass at guidance scale w (a number or one per sample); disabled: the base model."""
+    def forward(self, x, t, w, negative=None, **cond):
+        """One pass at guidance scale w (a number or one per sample), against `negative` (a cond dict) for
+        adapters that take one; disabled: the base model."""
         if not self.enabled:
             return self.model(x, t, **cond)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        with self.condition(w=w, t=t, **cond):
+        with self.condition(w=w, t=t, negative=negative, **cond):
             return self.model(x, t, **cond)
 
     def adapter_state_dict(self):
@@ -364,7 +389,11 @@ class Student(Attachment):
         """One safetensors file: the adapters' tensors, their options in its metadata."""
         meta = {"format": FORMAT, "config": json.dumps(asdict(self.config)), "model": type(self.model).__name__,
                 **{k: str(v) for k, v in metadata.items()}}
-        checkpoint.save_file(self.adapter_state_dict(), path, metadata=meta)
+        tensors = self.adapter_state_dict()
+        bad = checkpoint.non_finite(tensors)
+        if bad is not None:  # a diverged training: a file of NaNs would sample black images without a word
+            raise checkpoint.CheckpointError(f"{path}: not written: adapter tensor {bad} is not finite (nan or inf)")
+        checkpoint.save_file(tensors, path, metadata=meta)
 
 
 def attach(model, sites=None, **options):
@@ -386,7 +415,9 @@ def attach(model, sites=None, **options):
 
 
 def read_config(path):
-    """The AdapterConfig stored in a saved adapters file (files of before the explicit placement too)."""
+    """The AdapterConfig stored in a saved adapters file (files of before the explicit placement too);
+    `path` may be a hub id (hub.resolve_adapters)."""
+    path = hub.resolve_adapters(path)
     meta = checkpoint.read_metadata(path)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise checkpoint.CheckpointError(f"{path}: not an adapters file (metadata has no {FORMAT!r} config)")
@@ -399,12 +430,18 @@ def read_config(path):
 
 
 def load(model, path):
-    """Rebuild a student from `student.save(path)` on `model` (the base, or a fine-tune of it)."""
+    """Rebuild a student from `student.save(path)` on `model` (the base, or a fine-tune of it); `path`: a
+    file, a training run's folder, or a hub id, "user/repo" or "user/repo/file.safetensors"."""
+    path = hub.resolve_adapters(path)
     cfg = read_config(path)
     made_for = checkpoint.read_metadata(path).get("model")  # absent in files of before it was recorded
     if made_for is not None and made_for != type(model).__name__:
         raise ValueError(f"adapters for a {made_for}, not a {type(model).__name__}")
     student = attach(model, **asdict(cfg))
     tensors = checkpoint.read_tensors(path)
+    bad = checkpoint.non_finite(tensors)
+    if bad is not None:
+        raise checkpoint.CheckpointError(f"{path}: tensor {bad} is not finite (nan or inf): these adapters come "
+                                         "from a diverged training")
     student.load_adapter_state_dict(tensors, source=str(path))
     return student.to(next(model.parameters()).device)

@@ -32,6 +32,7 @@ Round r, from 2S to S steps:
 Letters in shape comments: N rows (student steps x trajectories), B batch, C channels, H W size.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -42,6 +43,8 @@ import adapters
 import checkpoint
 import families
 import guidance
+import hub
+import runs
 import train_agd
 import trajectories
 
@@ -100,8 +103,8 @@ def start_steps(steps, default):
 
 
 def read_steps(path):
-    """The step count that a distilled adapters file was trained for, or None (AGD's adapters)."""
-    meta = checkpoint.read_metadata(path)
+    """The step count that a distilled adapters file (or hub id) was trained for, or None (AGD's adapters)."""
+    meta = checkpoint.read_metadata(hub.resolve_adapters(path))
     return int(meta["steps"]) if meta.get("sampler") == SAMPLER else None
 
 
@@ -243,16 +246,20 @@ def batch_rows(n_rows, batch, seed, round, rank, step):
 
 
 def save_state(file, student, opt, sched, steps, step, losses, scaler=None):
-    """Everything to resume a round exactly, written atomically (temp file, then rename)."""
-    tmp = file.with_name(file.name + ".tmp")
-    torch.save({"adapters": student.adapter_state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "steps": steps, "step": step, "losses": losses,
-                "scaler": scaler.state_dict() if scaler is not None else {}}, tmp)
-    tmp.replace(file)
+    """Everything to resume a round exactly, written atomically (checkpoint.atomic_write)."""
+    with checkpoint.atomic_write(file) as f:
+        torch.save({"adapters": student.adapter_state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "steps": steps, "step": step, "losses": losses,
+                    "scaler": scaler.state_dict() if scaler is not None else {}}, f)
 
 
-def train_round(base, sched, teacher, student, hp, round, out, resume=False, rank=0, world=1):
-    """Round `round`: train `student` so that its one DDIM step does what `teacher`'s two do; returns the losses."""
+def train_round(base, sched, teacher, student, hp, round, out, resume=False, rank=0, world=1, signals=None):
+    """Round `round`: train `student` so that its one DDIM step does what `teacher`'s two do; returns the losses.
+
+    As train_agd.train: a non-finite loss or gradient stops the round (runs.Diverged) before it touches
+    the checkpoint, and a SIGINT / SIGTERM caught by `signals` ends the step, checkpoints and raises
+    runs.Interrupted (fp16's skipped steps are left to the loss scaler).
+    """
     steps = round_steps(hp.start, hp.steps)[round]
     grid = sched.timesteps(2 * steps)
     assert torch.equal(grid[::2], sched.timesteps(steps)), "the trailing spacing nests"
@@ -278,6 +285,7 @@ def train_round(base, sched, teacher, student, hp, round, out, resume=False, ran
                 print(f"resumed the {steps}-step round from {state_file} at step {step}")
     C = base.shape[0]  # the channels DDIM steps with (a learned variance past them is ignored)
     per_rank = hp.batch_size // world
+    saved = step  # the step of the checkpoint on disk (0: none)
     bar = tqdm(range(step, hp.train_steps), desc=f"distill {2 * steps} -> {steps} steps", initial=step,
                total=hp.train_steps, disable=rank != 0)
     for step in bar:
@@ -293,14 +301,22 @@ def train_round(base, sched, teacher, student, hp, round, out, resume=False, ran
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         train_agd.average_gradients(params, world)
+        if not scaler.is_enabled() and (what := train_agd.non_finite(loss, params, world)):
+            raise runs.Diverged(train_agd.diverged(step, what, hp.lr, state_file, saved, fp16=False))
         scaler.step(opt)
         scaler.update()
         lr.step()
         losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.5f}", lr=f"{lr.get_last_lr()[0]:.1e}")
-        if (step + 1) % hp.save_every == 0 and step + 1 < hp.train_steps and rank == 0:
-            save_state(state_file, student, opt, lr, steps, step + 1, losses, scaler)
+        stop = signals.requested(world, device) if signals is not None else 0
+        if ((step + 1) % hp.save_every == 0 or stop) and step + 1 < hp.train_steps:
+            if rank == 0:
+                save_state(state_file, student, opt, lr, steps, step + 1, losses, scaler)
+            saved = step + 1
+        if stop and step + 1 < hp.train_steps:
+            raise runs.Interrupted(stop, f"stopped after step {step + 1} of {hp.train_steps} of the {steps}-step "
+                                         f"round; its state is saved in {state_file}")
     train_agd.check_in_sync(params, world)
     if rank == 0:
         save_state(state_file, student, opt, lr, steps, hp.train_steps, losses, scaler)
@@ -347,7 +363,7 @@ def round_file(out, steps):
     return out / f"adapters_{steps}steps.safetensors"
 
 
-def distill(base, source, hp, out, resume=False, rank=0, world=1):
+def distill(base, source, hp, out, resume=False, rank=0, world=1, signals=None):
     """Progressive distillation of the adapters in file `source` from hp.start steps down to hp.steps.
 
     Returns (the last round's student, the rounds' files, each round's diagnosis: `reproduced`).
@@ -363,7 +379,8 @@ def distill(base, source, hp, out, resume=False, rank=0, world=1):
         if resume and file.is_file():
             student.load_adapter_state_dict(checkpoint.read_tensors(file), source=str(file))
         else:
-            losses = train_round(base, sched, teacher, student, hp, r, out, resume, rank, world)
+            with signals.deferred() if signals is not None else nullcontext():  # a signal ends the step
+                losses = train_round(base, sched, teacher, student, hp, r, out, resume, rank, world, signals)
             if rank == 0:
                 student.save(file, base=base.weights, steps=steps, sampler=SAMPLER, teacher=source if r == 0 else
                              round_file(out, 2 * steps).name, train_steps=hp.train_steps, loss=np.mean(losses[-50:]))

@@ -74,18 +74,33 @@ class Base:
     null: callable  # (n, negative=None) -> the cond dict CFG subtracts: the null condition, or a negative one
     vae: torch.nn.Module = None  # the autoencoder of a latent model, when asked for
     prompt_encoder: torch.nn.Module = None  # SD's
+    cfg_channels: int = None  # the output channels CFG guides: all (None), or DiT's own code's 3 of 4
 
     @property
     def out_channels(self):
         return self.model.config.out_channels
 
-    def adapter_options(self, use_class=False, use_prompt=False, **options):
-        """AdapterConfig options for this model: `use_class` / `use_prompt` become their widths."""
+    def adapter_options(self, use_class=False, use_prompt=False, use_negative=False, **options):
+        """AdapterConfig options for this model: `use_class` / `use_prompt` become their widths, and
+        `use_negative` the width of the negative condition the adapters then read (a class or a prompt)."""
+        c = self.model.config
         if use_class:
-            options["num_classes"] = self.model.config.num_classes + 1  # with the null class
+            options["num_classes"] = c.num_classes + 1  # with the null class
         if use_prompt:
-            options["prompt_dim"] = self.model.config.cross_attention_dim
+            options["prompt_dim"] = c.cross_attention_dim
+        if use_negative and self.family.conditioning == "class":
+            options["negative_classes"] = c.num_classes + 1  # the null class: no negative
+        elif use_negative:
+            options["negative_prompt_dim"] = c.cross_attention_dim
         return options
+
+    def lora_models(self):
+        """The models a LoRA file may change, under the names of diffusers' pipelines that its keys
+        begin with (lora.apply's `models`): the UNet or the transformer, and the text towers (None: absent)."""
+        models = {"unet" if isinstance(self.model, unet.UNet) else "transformer": self.model}
+        for name in ("text_encoder", "text_encoder_2"):
+            models[name] = getattr(self.prompt_encoder, name, None)
+        return models
 
 
 # -----------------------------------------------------------------------------
@@ -125,8 +140,14 @@ def dit_scheduler(weights, sampler="ddpm"):
     return guidance.scheduler_from_config(config)
 
 
-def load_dit(family, weights, dtype=None, device=None, sampler="ddpm", with_vae=False, vae_weights=None, **_):
+def load_dit(family, weights, dtype=None, device=None, sampler="ddpm", with_vae=False, vae_weights=None,
+             cfg_channels=None, **_):
+    """The DiT and how it samples. cfg_channels=3: CFG guides the first 3 of the 4 latent channels, as
+    facebookresearch/DiT's forward_with_cfg does "for exact reproducibility reasons", the arithmetic
+    behind its published FID-50K of 2.27; the default guides all of them, as diffusers' DiTPipeline."""
     model = dit.from_pretrained(weights, dtype=dtype, device=device)
+    if cfg_channels is not None and not 1 <= cfg_channels <= model.config.in_channels:
+        raise ValueError(f"cfg_channels {cfg_channels}: {weights} has {model.config.in_channels} channels")
     num_classes = model.config.num_classes
     ae = None
     if with_vae and family.latent:
@@ -144,7 +165,7 @@ def load_dit(family, weights, dtype=None, device=None, sampler="ddpm", with_vae=
 
     c = model.config
     return Base(family, str(weights), model, dit_scheduler(weights, sampler), (c.in_channels, c.input_size, c.input_size),
-                encode, null, vae=ae)
+                encode, null, vae=ae, cfg_channels=cfg_channels)
 
 
 # -----------------------------------------------------------------------------

@@ -120,16 +120,84 @@ def cfg(cond_out, uncond_out, w, channels):
     return torch.cat([pred, cond_out[:, channels:]], dim=1)
 
 
-def guided(model, w, cond, null):
-    """The CFG denoiser: conditional and null passes batched into one call of `model`."""
+def guided(model, w, cond, null, channels=None):
+    """The CFG denoiser: conditional and null passes batched into one call of `model`.
+
+    w: a number, one per sample, or a function of the step's timestep (a guidance schedule, see
+    WSchedule); where it gives 1 the null pass is skipped, since CFG at w = 1 is the conditional model.
+    channels: how many output channels are guided (default: all of the input's; see cfg).
+    """
 
     def denoise(x, t):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        scale = w(t) if callable(w) else w
+        if isinstance(scale, (int, float)) and scale == 1:
+            return model(x, t, **cond)
         both = {k: torch.cat([cond[k], null[k]]) for k in cond}
         cond_out, uncond_out = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
-        return cfg(cond_out, uncond_out, w, x.shape[1])
+        return cfg(cond_out, uncond_out, scale, channels or x.shape[1])
 
     return denoise
+
+
+# -----------------------------------------------------------------------------
+# guidance schedules: w from step to step
+
+
+@dataclass(frozen=True)
+class WSchedule:
+    """How the guidance strength w - 1 varies over a run: at step i, w_i = 1 + (w - 1) f_i.
+
+    "constant": f = 1. "interval" (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval
+    improves sample and distribution quality"): f = 1 where the noise level sigma_t / alpha_t lies in
+    (low, high], else 0, i.e. no guidance at the highest and the lowest noise. "linear": f goes
+    linearly from `start` at the first step to `end` at the last.
+    """
+    kind: str = "constant"
+    low: float = 0.0  # interval: guided for low < sigma_t / alpha_t <= high
+    high: float = math.inf
+    start: float = 1.0  # linear: f at the first step and at the last
+    end: float = 1.0
+
+    def scales(self, w, scheduler, timesteps):
+        """w at each of `timesteps` (Python floats, so that w = 1 can skip a pass)."""
+        n = len(timesteps)
+        out = []
+        for i, t in enumerate(timesteps.tolist() if torch.is_tensor(timesteps) else timesteps):
+            if self.kind == "constant":
+                f = 1.0
+            elif self.kind == "interval":
+                alpha, sigma = scheduler.schedule(t)
+                f = 1.0 if self.low < sigma / alpha <= self.high else 0.0
+            elif self.kind == "linear":
+                f = self.start + (self.end - self.start) * (i / (n - 1) if n > 1 else 0.0)
+            else:
+                raise ValueError(f"unknown guidance schedule {self.kind!r} (constant, interval, linear)")
+            out.append(1.0 + (w - 1.0) * f)
+        return out
+
+    def at(self, w, scheduler, timesteps):
+        """w as a function of the step's timestep (B,), for guided() and the adapters."""
+        ts = timesteps.tolist() if torch.is_tensor(timesteps) else list(timesteps)
+        table = dict(zip(ts, self.scales(w, scheduler, ts)))
+        return lambda t: table[t.reshape(-1)[0].item() if torch.is_tensor(t) else t]
+
+    @classmethod
+    def parse(cls, spec):
+        """"constant", "interval:LOW:HIGH" (noise levels sigma_t / alpha_t) or "linear:START:END"."""
+        kind, *values = spec.split(":")
+        try:
+            numbers = [float(v) for v in values]
+        except ValueError:
+            numbers = None
+        shapes = {"constant": 0, "interval": 2, "linear": 2}
+        if kind not in shapes or numbers is None or len(numbers) != shapes[kind]:
+            raise ValueError(f"guidance schedule {spec!r}: expected constant, interval:LOW:HIGH or linear:START:END")
+        if kind == "interval":
+            if not 0 <= numbers[0] < numbers[1]:
+                raise ValueError(f"guidance schedule {spec!r}: need 0 <= LOW < HIGH")
+            return cls(kind, low=numbers[0], high=numbers[1])
+        return cls(kind, start=numbers[0], end=numbers[1]) if kind == "linear" else cls()
 
 
 # -----------------------------------------------------------------------------

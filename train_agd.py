@@ -4,6 +4,7 @@
     python train_agd.py --model dit      # DiT-XL/2 from the hub (or --weights FOLDER)
     python train_agd.py --model sdxl --prompt-file prompts/agd_prompts.txt   # SD 2.1 / SDXL
     python train_agd.py --model sdxl --online                    # no storage: the teacher runs beside
+    python train_agd.py --model sdxl --lora style.safetensors:0.8  # the adapters of a LoRA'd SDXL
     torchrun --nproc_per_node 8 train_agd.py --model sdxl        # data-parallel on 8 GPUs
 
 1. Collect (Algorithm 1 of Jensen & Sadat 2025; trajectories.py): CFG trajectories of the frozen
@@ -26,11 +27,14 @@ gradients are averaged across ranks (data parallel) and rank 0 writes the checkp
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
 import time
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +46,9 @@ from tqdm import tqdm
 import adapters
 import checkpoint
 import families
+import lora
 import prompts
+import runs
 import trajectories
 
 ROOT = Path(__file__).resolve().parent
@@ -60,6 +66,7 @@ class Training:
     loss: str = "mse"  # see distillation_loss
     save_every: int = 200
     seed: int = 0
+    max_skips: int = 20  # fp16: stop after this many steps in a row that the loss scaler skipped
 
 
 def lr_lambda(total, warmup_frac=0.1):
@@ -110,14 +117,37 @@ def check_in_sync(params, world):
         raise RuntimeError(f"adapters differ across ranks after training: {[g.item() for g in gathered]}")
 
 
-def save_state(file, student, opt, sched, step, losses, scaler=None):
-    """Everything to resume training exactly, written atomically (temp file, then rename)."""
-    tmp = file.with_name(file.name + ".tmp")
-    torch.save({"adapters": student.adapter_state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "step": step, "losses": losses,
-                "scaler": scaler.state_dict() if scaler is not None else {}}, tmp)
-    tmp.replace(file)
-    (file.parent / "losses.json").write_text(json.dumps(losses))
+def save_state(file, student, opt, sched, step, losses, scaler=None, with_base=False, skipped=()):
+    """Everything to resume training exactly, written atomically (checkpoint.atomic_write); with_base: the
+    base's weights too, when they are trained (the whole-model baseline of bench/ablations_tiny.py)."""
+    with checkpoint.atomic_write(file) as f:
+        torch.save({"adapters": student.adapter_state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "step": step, "losses": losses,
+                    "scaler": scaler.state_dict() if scaler is not None else {}, "skipped": list(skipped),
+                    **({"base": student.model.state_dict()} if with_base else {})}, f)
+    with checkpoint.atomic_write(file.parent / "losses.json") as f:
+        f.write(json.dumps(losses).encode())
+
+
+def non_finite(loss, params, world):
+    """What of this step is not finite: "" (nothing), the loss or a gradient; under torchrun, on any rank."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # foreach: few kernels
+    bad = ~torch.isfinite(torch.stack([loss.detach().float(), norm]))  # a NaN or inf anywhere makes the norm one
+    if world > 1:
+        bad = bad.float()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    loss_bad, grad_bad = bad.tolist()
+    return "" if not (loss_bad or grad_bad) else f"{'the loss' if loss_bad else 'a gradient'} is not finite " \
+        f"(the loss is {loss.item():.4g})"
+
+
+def diverged(step, what, lr, state_file, saved, fp16):
+    """The one line that stops a diverged run: the step, what went wrong, what is kept, what to try."""
+    kept = (f"the last good checkpoint, {state_file} at step {saved}, is kept as it was" if saved else
+            "no checkpoint was written yet")
+    try_ = (f"try --dtype bfloat16 (with --resume) or a lower --lr than {lr:g} (with a new --out)" if fp16 else
+            f"try a lower --lr than {lr:g} (with a new --out)")
+    return f"training diverged at step {step}: {what}; {kept}, and no adapters file is written; {try_}"
 
 
 def load_state(file):
@@ -128,31 +158,40 @@ def load_state(file):
                                          "delete it to start over") from None
 
 
-def train(student, source, hp, out, resume=False, rank=0, world=1):
-    """Fit the student's adapters to the CFG targets of `source(step)` (a dict of rows) by MSE.
+def train(student, source, hp, out, resume=False, rank=0, world=1, params=None, signals=None):
+    """Fit the student's adapters (or `params`) to the CFG targets of `source(step)` (a dict of rows) by MSE.
 
     The base runs in its own dtype (bf16 or fp16) under autocast; the adapters keep fp32 weights,
     and fp16 gets a gradient scaler. Each step runs the base model inside the student's scope, and
     calls backward there too: gradient checkpointing re-runs the blocks, and their adapters, in it.
+
+    A non-finite loss or gradient stops the run (runs.Diverged) before it touches the checkpoint; in
+    fp16 the scaler skips such a step (an overflow) and halves its scale, and a run of `hp.max_skips`
+    of them stops it. A SIGINT / SIGTERM caught by `signals` (runs.Signals) ends the step, checkpoints
+    and raises runs.Interrupted.
     """
     model = student.model
-    params = list(student.adapters.parameters())
+    params = list(student.adapters.parameters()) if params is None else list(params)
+    with_base = any(p.requires_grad for p in model.parameters())  # the whole model trained, not adapters only
     opt = torch.optim.Adam(params, lr=hp.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.train_steps))
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state_file, step, losses = out / "train_state.pt", 0, []
+    state_file, step, losses, skipped = out / "train_state.pt", 0, [], []
     if resume and state_file.is_file():
         state = load_state(state_file)
         student.load_adapter_state_dict(state["adapters"], source=str(state_file))
+        if with_base:
+            model.load_state_dict(state["base"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        step, losses = state["step"], state["losses"]
+        step, losses, skipped = state["step"], state["losses"], state.get("skipped", [])
         if rank == 0:
             print(f"resumed from {state_file} at step {step}")
     per_rank = hp.batch_size // world
+    saved = step  # the step of the checkpoint on disk (0: none)
     bar = tqdm(range(step, hp.train_steps), desc="train", initial=step, total=hp.train_steps, disable=rank != 0)
     for step in bar:
         batch = source(step)
@@ -160,36 +199,70 @@ def train(student, source, hp, out, resume=False, rank=0, world=1):
         x, t = batch["x"][i].to(device, dtype), batch["t"][i].to(device)
         target, w = batch["target"][i].to(device).float(), batch["w"][i].to(device)
         cond = trajectories.batch_condition(batch, i, device, dtype)
-        with student.condition(w=w, t=t, **cond):
+        negative = trajectories.batch_condition(batch, i, device, dtype, "neg.") or None  # adapters that read it
+        with student.condition(w=w, t=t, negative=negative, **cond):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 pred = model(x, t, **cond)
             loss = distillation_loss(pred.float(), target, w, hp.loss)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         average_gradients(params, world)
-        scaler.step(opt)
+        if not scaler.is_enabled() and (what := non_finite(loss, params, world)):
+            raise runs.Diverged(diverged(step, what, hp.lr, state_file, saved, fp16=False))
+        scale = scaler.get_scale()
+        scaler.step(opt)  # fp16: skipped if a gradient overflowed (Micikevicius et al. 2018, mixed precision)
         scaler.update()
-        sched.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.5f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        if (step + 1) % hp.save_every == 0 and step + 1 < hp.train_steps and rank == 0:
-            save_state(state_file, student, opt, sched, step + 1, losses, scaler)
+        with warnings.catch_warnings():  # fp16: a first step the scaler skipped is no wrong call order, as it warns
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            sched.step()
+        overflowed = scaler.get_scale() < scale  # the scaler skipped the step and halved its scale
+        if overflowed:
+            skipped.append(step)
+            if rank == 0:
+                bar.write(f"step {step}: float16 overflow, skipped (loss scale {scale:g} -> {scaler.get_scale():g})")
+            if (n := skipped_in_a_row(skipped, step + 1)) >= hp.max_skips:
+                raise runs.Diverged(diverged(step, f"{n} steps in a row overflowed in float16", hp.lr, state_file,
+                                             saved, fp16=True))
+        else:
+            losses.append(loss.item())
+        if step % 10 == 0 or overflowed:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.5f}" if losses else "-",
+                            lr=f"{sched.get_last_lr()[0]:.1e}", **({"skipped": len(skipped)} if skipped else {}))
+        stop = signals.requested(world, device) if signals is not None else 0
+        if ((step + 1) % hp.save_every == 0 or stop) and step + 1 < hp.train_steps:
+            if rank == 0:
+                save_state(state_file, student, opt, sched, step + 1, losses, scaler, with_base, skipped)
+            saved = step + 1
+        if stop and step + 1 < hp.train_steps:
+            raise runs.Interrupted(stop, f"stopped after step {step + 1} of {hp.train_steps}; the training state is "
+                                         f"saved in {state_file}")
     check_in_sync(params, world)
     if device.type == "cuda" and rank == 0:  # what a GPU needs for this run's settings
         print(f"peak GPU memory in training: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
               f"(batch {per_rank} per GPU)")
+    if skipped and rank == 0:
+        print(f"float16: {len(skipped)} of {hp.train_steps} steps skipped by the loss scaler (overflows), at steps "
+              + ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""))
     if rank == 0:
-        save_state(state_file, student, opt, sched, hp.train_steps, losses, scaler)
+        save_state(state_file, student, opt, sched, hp.train_steps, losses, scaler, with_base, skipped)
     return student
+
+
+def skipped_in_a_row(skipped, step):
+    """How many of the steps just before `step` the fp16 loss scaler skipped, in a row."""
+    n = 0
+    while n < len(skipped) and skipped[-1 - n] == step - 1 - n:
+        n += 1
+    return n
 
 
 # -----------------------------------------------------------------------------
 # CLI
 
 
-ADAPTER_OPTIONS = ("hidden_dim", "num_heads", "mlp_ratio", "use_timestep", "use_class", "use_prompt", "zero_at_w1",
-                   "modulation")  # the CLI's adapter flags, in AdapterConfig's names (use_*: see Base.adapter_options)
+ADAPTER_OPTIONS = ("hidden_dim", "num_heads", "mlp_ratio", "use_timestep", "use_class", "use_prompt", "use_negative",
+                   "zero_at_w1", "modulation")  # the CLI's adapter flags, in AdapterConfig's names (use_*: see
+#                                                Base.adapter_options)
 
 
 def parse_args(argv=None):
@@ -216,6 +289,15 @@ def parse_args(argv=None):
     g.add_argument("--prompt-file", default=str(ROOT / "prompts" / "agd_prompts.txt"),
                    help="SD: one prompt a line; trajectory i asks for prompt i mod their number")
     g.add_argument("--resolution", type=int, help="SD: image side in pixels (default: the UNet's native one)")
+    g.add_argument("--cfg-channels", type=lambda v: None if v == "all" else int(v), metavar="3|all",
+                   help="DiT: the latent channels CFG guides in the trajectories: all (default, as diffusers), or 3, "
+                        "as facebookresearch/DiT's forward_with_cfg and the official AGD code collect")
+    g.add_argument("--negatives", type=float, default=0.0, metavar="P",
+                   help="the share of trajectories whose CFG is against a random negative (DiT: another class; SD: "
+                        "a prompt of --negative-prompt-file) instead of the null condition; the adapters then also "
+                        "see the negative, so that sampling with one runs in one pass (default 0: none)")
+    g.add_argument("--negative-prompt-file", default=str(ROOT / "prompts" / "negative_prompts.txt"),
+                   help="SD with --negatives: one negative prompt a line")
     g.add_argument("--online", action="store_true",
                    help="store nothing: generate trajectories while training (the base itself is the teacher)")
     g.add_argument("--buffer-shards", type=int, default=4, help="--online: shards held at once")
@@ -245,12 +327,16 @@ def parse_args(argv=None):
                         "(default: on for dit, sd21 and sdxl)")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint the training state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    g = p.add_argument_group("LoRA (kohya-ss, diffusers or peft files: UNet and text encoders, or a DiT)")
+    g.add_argument("--lora", action="append", default=[], type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
+                   help="fused into the base after loading: trajectories are collected from, and the adapters "
+                        "trained beside, the LoRA'd base (multiplier default 1.0); repeat for several")
     g = p.add_argument_group("step distillation (distill.py)")
     g.add_argument("--distill-steps", type=int, help="after training, halve the adapters' DDIM steps round by "
                    "round down to N (progressive distillation): <out>/adapters_<S>steps.safetensors for each round")
     g.add_argument("--adapters", help="an adapters file to distill instead of training AGD adapters first")
-    g.add_argument("--distill-from", type=int, help="the first teacher's steps, N x a power of 2 (default: the most up "
-                   "to the model's DDIM default, tiny 24 for N = 6; a distilled --adapters file: its steps)")
+    g.add_argument("--distill-from", type=int, help="the first teacher's steps, N x a power of 2 (default: the most "
+                   "up to the model's DDIM default, tiny 24 for N = 6; a distilled --adapters file: its steps)")
     g.add_argument("--distill-train-steps", type=int, help="training steps per round")
     g.add_argument("--distill-lr", type=float, help="peak learning rate of each round")
     g = p.add_argument_group("evaluation (tiny)")
@@ -258,11 +344,17 @@ def parse_args(argv=None):
     g.add_argument("--eval-samples", type=int, default=500)
     g.add_argument("--eval-batch", type=int, default=100)
     g.add_argument("--no-eval", action="store_true")
+    g = p.add_argument_group("when things go wrong (README: When things go wrong)")
+    g.add_argument("--max-skips", type=int, default=Training.max_skips,
+                   help="float16: stop after this many steps in a row that the loss scaler skipped (overflows)")
     args = p.parse_args(argv)
     family = families.FAMILIES[args.model]
     for k, v in {**families.OFFICIAL_ADAPTERS, **family.train}.items():  # the model's defaults where not given
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.use_negative = args.negatives > 0
+    if not 0 <= args.negatives <= 1:
+        p.error(f"--negatives is a share of the trajectories, in [0, 1]; got {args.negatives}")
     args.out = Path(args.out or f"runs/{args.model}")
     args.dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args)
     args.rank, args.world = 0, int(os.environ.get("WORLD_SIZE", 1))
@@ -273,12 +365,16 @@ def parse_args(argv=None):
     if family.conditioning == "class" and args.use_prompt:
         p.error(f"--use-prompt is for prompt-conditioned models; --model {args.model} takes a class (--use-class)")
     if family.conditioning == "prompt":
+        if args.cfg_channels is not None:
+            p.error(f"--cfg-channels is for DiTs; --model {args.model} guides its whole prediction")
         if args.use_class:
             p.error(f"--use-class is for class-conditioned models; --model {args.model} takes a prompt (--use-prompt)")
         if args.modulation:
             p.error("--modulation is for DiTs (adaLN); a UNet takes its adapters beside attn2")
-        if not Path(args.prompt_file).is_file() or not prompts.read_prompts(args.prompt_file):
-            p.error(f"--prompt-file {args.prompt_file}: no such file, or no prompts in it")
+        for flag, file in (("--prompt-file", args.prompt_file),) + \
+                (("--negative-prompt-file", args.negative_prompt_file),) * args.use_negative:
+            if not Path(file).is_file() or not prompts.read_prompts(file):
+                p.error(f"{flag} {file}: no such file, or no prompts in it")
     check_distillation(p, args, family)
     return args
 
@@ -334,22 +430,60 @@ def collection_plan(args, family):
     return trajectories.Collection(
         trajectories=args.trajectories, steps=args.steps, w_min=args.w_min, w_max=args.w_max,
         keep_steps=args.keep_steps, shard_size=args.shard_size, batch=args.collect_batch, seed=args.seed,
-        prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None)
+        prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None,
+        negative_prob=args.negatives, negative_prompts=prompts.read_prompts(args.negative_prompt_file)
+        if family.conditioning == "prompt" and args.negatives > 0 else None)
 
 
 def load_base(args):
-    """The frozen base model that --model and --weights name, set up for training adapters beside it."""
+    """The frozen base model that --model, --weights and --lora name, set up for training adapters beside it."""
+    lora.check_files(args.lora)  # before the models load
     base = families.load(args.model, args.weights, dtype=args.dtype, device=args.device,
-                         height=args.resolution, width=args.resolution)
+                         height=args.resolution, width=args.resolution, cfg_channels=args.cfg_channels)
+    lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good: the base is the LoRA'd one
     base.model.gradient_checkpointing = bool(args.gradient_checkpointing)
     return base
 
 
-def train_adapters(args, family, base, out):
+# On --resume these may differ from the options the run was made with (and are said); any other is an error.
+MAY_CHANGE = {"train_steps", "save_every", "max_skips", "device", "dtype", "gradient_checkpointing", "world",
+              "eval_w", "eval_samples", "eval_batch", "no_eval"}
+# What the stored trajectory shards depend on: compared whenever they are reused, --resume or not.
+DATA = {"model", "weights", "seed", "trajectories", "steps", "keep_steps", "w_min", "w_max", "shard_size",
+        "collect_batch", "prompts", "resolution", "cfg_channels", "negatives", "negative_prompts"}
+
+
+def run_options(args, family):
+    """The options that made this run, as stored beside its checkpoint: prompts by their digest, not their file."""
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("out", "resume", "rank", "prompt_file", "negative_prompt_file")}
+    options["dtype"] = str(args.dtype).removeprefix("torch.") if args.dtype is not None else None
+    files = {"prompts": args.prompt_file, "negative_prompts": args.negative_prompt_file if args.negatives else None}
+    for key, file in files.items():
+        if family.conditioning == "prompt" and file is not None:
+            options[key] = hashlib.sha256("\n".join(prompts.read_prompts(file)).encode()).hexdigest()[:16]
+    return options
+
+
+def check_run(args, family, first_rank=True):
+    """Refuse options that conflict with what `args.out` holds: the run on --resume, else its trajectory shards."""
+    reused = any((args.out / "trajectories").glob("shard_*.safetensors")) and not args.online
+    options = run_options(args, family)
+    fixed = set(options) - MAY_CHANGE if args.resume else DATA if reused else set()
+    changed = runs.check_options(args.out, options, fixed, write=first_rank)
+    state = args.out / "train_state.pt"
+    if first_rank and args.resume and changed:
+        print(f"resuming with other options, which may change: {changed}")
+    elif first_rank and not args.resume and state.is_file():
+        print(f"note: training starts over; {state} is replaced at the first checkpoint (--resume continues it)")
+
+
+def train_adapters(args, family, base, out, signals=None):
     """Algorithms 1 and 2 as the CLI asks: collect (or --online), then train; returns the student."""
     plan = collection_plan(args, family)
     if args.online:
-        source = trajectories.OnlineBuffer(base, plan, args.buffer_shards, args.refresh_every, args.rank, args.world)
+        source = trajectories.OnlineBuffer(base, plan, args.buffer_shards, args.refresh_every, args.rank,
+                                           args.world)
     else:
         trajectories.collect(base, plan, out / "trajectories", args.rank, args.world)
         data = trajectories.load_shards(out / "trajectories")
@@ -363,10 +497,11 @@ def train_adapters(args, family, base, out):
         print(f"adapters: {n_adapter:,} parameters ({100 * n_adapter / n_base:.1f} % of the base's {n_base:,}); "
               + ("online teacher" if args.online else f"{len(data['x']):,} training pairs")
               + f"; base in {dtype}, batch {args.batch_size} over {args.world} rank(s)")
-    hp = Training(args.train_steps, args.batch_size, args.lr, args.loss, args.save_every, args.seed)
-    train(student, source, hp, out, args.resume, args.rank, args.world)
+    hp = Training(args.train_steps, args.batch_size, args.lr, args.loss, args.save_every, args.seed, args.max_skips)
+    with signals.deferred() if signals is not None else nullcontext():  # a signal ends the step, checkpoints
+        train(student, source, hp, out, args.resume, args.rank, args.world, signals=signals)
     if args.rank == 0:
-        student.save(out / "adapters.safetensors", base=base.weights)
+        student.save(out / "adapters.safetensors", base=base.weights, lora=lora.record(args.lora))
     return student
 
 
@@ -383,14 +518,23 @@ def distillation_plan(args, family):
 
 
 def main(args):
+    """Collect, train and evaluate into args.out: locked against a second run, options checked, signals caught."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    first_rank = int(os.environ.get("RANK", 0)) == 0  # torchrun's rank, before the process group exists
+    with runs.Lock(args.out) if first_rank else nullcontext(), runs.Signals() as signals:
+        check_run(args, families.FAMILIES[args.model], first_rank)
+        run(args, signals)
+
+
+def run(args, signals=None):
+    """The run itself: collect (or stream) trajectories, train, save the adapters, evaluate (tiny)."""
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     family = families.FAMILIES[args.model]
     init_distributed(args)
     try:
         base = load_base(args)
-        student = train_adapters(args, family, base, out) if args.adapters is None else None
+        student = train_adapters(args, family, base, out, signals) if args.adapters is None else None
         source = Path(args.adapters or out / "adapters.safetensors")
         if args.distill_steps is not None:
             import distill
@@ -398,7 +542,7 @@ def main(args):
             if student is not None:
                 student.detach()  # its file is the first teacher
             student, files, diagnosis = distill.distill(base, source, distillation_plan(args, family), out,
-                                                        args.resume, args.rank, args.world)
+                                                        args.resume, args.rank, args.world, signals)
     finally:
         if args.world > 1:
             dist.destroy_process_group()
@@ -421,8 +565,9 @@ def main(args):
         tiny.save_grid(grids, out / "samples.png")
     else:
         distilled = {distill.read_steps(f): adapters.load(base.model, f) for f in files}
-        results, rows = tiny.evaluate_steps(base, adapters.load(base.model, source), distilled, distill.scheduler(base),
-                                            args.eval_w, args.eval_samples, args.eval_batch, args.seed + 1, args.steps)
+        agd = adapters.load(base.model, source)
+        results, rows = tiny.evaluate_steps(base, agd, distilled, distill.scheduler(base), args.eval_w,
+                                            args.eval_samples, args.eval_batch, args.seed + 1, args.steps)
         tiny.save_rows(rows, out / "samples.png")
         tiny.plot_steps(results, out / "steps.png")
         metrics.update(distill_train_steps=args.distill_train_steps, distillation=diagnosis)
@@ -436,5 +581,10 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         main(args)
-    except (checkpoint.CheckpointError, FileNotFoundError) as e:
+    except runs.Interrupted as e:
+        print(f"{e}. To continue: {runs.resume_command(sys.argv)}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except checkpoint.WriteError as e:  # a full disk: the files before it are intact
+        sys.exit(f"error: {e}; once there is room: {runs.resume_command(sys.argv)}")
+    except (checkpoint.CheckpointError, runs.RunError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

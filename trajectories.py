@@ -40,6 +40,8 @@ class Collection:
     batch: int = None  # trajectories sampled at once (None: a shard)
     seed: int = 0
     prompts: list = None  # prompt families: trajectory i asks for prompt i mod len(prompts)
+    negative_prob: float = 0.0  # the share of trajectories whose CFG is against a negative, not the null
+    negative_prompts: list = None  # prompt families: the negatives, drawn at random (classes: another class)
 
 
 def keep_indices(num_steps, keep):
@@ -57,15 +59,44 @@ def conditions(base, plan, idx):
     return base.encode([plan.prompts[i % len(plan.prompts)] for i in idx.tolist()])
 
 
+def draw_negatives(base, plan, idx, generator):
+    """Each trajectory's negative: None (the null condition) but for a share `negative_prob`, which get
+    another class than their own (classes) or a prompt of `negative_prompts` (prompts), at random."""
+    n = len(idx)
+    drawn = torch.rand(n, generator=generator, device=generator.device).cpu() < plan.negative_prob
+    if base.family.conditioning == "class":
+        k = base.model.config.num_classes
+        other = (idx % k + 1 + torch.randint(0, k - 1, (n,), generator=generator, device=generator.device).cpu()) % k
+        return [int(j) if d else None for j, d in zip(other, drawn)]
+    pick = torch.randint(0, len(plan.negative_prompts), (n,), generator=generator, device=generator.device).cpu()
+    return [plan.negative_prompts[j] if d else None for j, d in zip(pick.tolist(), drawn)]
+
+
+def negative_condition(base, negatives):
+    """The condition CFG subtracts, per trajectory: the null condition where the negative is None."""
+    null = base.null(len(negatives))
+    if all(v is None for v in negatives):
+        return null
+    if base.family.conditioning == "class":
+        return base.null(len(negatives), torch.tensor([base.model.config.num_classes if v is None else v
+                                                        for v in negatives]))
+    given = base.null(len(negatives), ["" if v is None else v for v in negatives])  # each prompt encoded
+    mask = torch.tensor([v is not None for v in negatives], device=null["context"].device)
+    return {k: torch.where(mask.view(-1, *[1] * (v.ndim - 1)), given[k], v) for k, v in null.items()}
+
+
 @torch.no_grad()
-def collect_shard(base, plan, idx, w, generator):
+def collect_shard(base, plan, idx, w, generator, negatives=None):
     """Sample trajectories `idx` with CFG at scales w (B,); return the kept steps as one shard.
 
     Rows are (x_t, t, target, w) of one step of one trajectory; the condition is stored once per
     trajectory ("cond.*": a class label, or a prompt's embeddings) and rows point to it by "traj".
+    With `negatives` (one per trajectory, None for the null), CFG is neg + w (cond - neg) and the
+    negative condition is stored as "neg.*".
     """
     device = next(base.model.parameters()).device
-    cond, null = conditions(base, plan, idx), base.null(len(idx))
+    cond = conditions(base, plan, idx)
+    null = base.null(len(idx)) if negatives is None else negative_condition(base, negatives)
     x = torch.randn((len(idx), *base.shape), generator=generator, device=generator.device).to(device)
     timesteps = base.scheduler.timesteps(plan.steps)
     keep, rows = set(keep_indices(len(timesteps), plan.keep_steps)), []
@@ -74,8 +105,13 @@ def collect_shard(base, plan, idx, w, generator):
         if step["i"] in keep:
             rows.append((step["x"].half().cpu(), step["t"], step["out"].half().cpu()))
 
-    guidance.sample(guidance.guided(base.model, w.to(device), cond, null), x, base.scheduler, timesteps,
-                    generator=generator, callback=keep_step)
+    dtype = next(base.model.parameters()).dtype
+
+    def model(x, t, **c):  # samples stay fp32 between steps; a bf16 / fp16 base computes in its own dtype
+        return base.model(x.to(dtype), t, **c).float()
+
+    guidance.sample(guidance.guided(model, w.to(device), cond, null, base.cfg_channels), x, base.scheduler,
+                    timesteps, generator=generator, callback=keep_step)
     n, B = len(rows), len(idx)
     shard = {
         "x": torch.cat([r[0] for r in rows]),  # (N, C, H, W), N = n * B
@@ -84,8 +120,10 @@ def collect_shard(base, plan, idx, w, generator):
         "w": w.repeat(n),  # (N,)
         "traj": torch.arange(B).repeat(n),  # (N,) row -> its trajectory in this shard
     }
-    for k, v in cond.items():  # once per trajectory, not per step
-        shard[f"cond.{k}"] = (v.half() if v.is_floating_point() else v).cpu()
+    stored = {"cond": cond, **({"neg": null} if negatives is not None else {})}
+    for prefix, condition in stored.items():  # once per trajectory, not per step
+        for k, v in condition.items():
+            shard[f"{prefix}.{k}"] = (v.half() if v.is_floating_point() else v).cpu()
     return shard
 
 
@@ -99,8 +137,53 @@ def make_shard(base, plan, k, capped=True):
     end = (k + 1) * plan.shard_size
     idx = torch.arange(k * plan.shard_size, min(end, plan.trajectories) if capped else end)
     w = plan.w_min + (plan.w_max - plan.w_min) * torch.rand(len(idx), generator=g, device=g.device).cpu()
+    negatives = draw_negatives(base, plan, idx, g) if plan.negative_prob > 0 else None  # (none drawn: as before)
     batch = plan.batch or len(idx)
-    return concat_shards([collect_shard(base, plan, i, ws, g) for i, ws in zip(idx.split(batch), w.split(batch))])
+    parts = []
+    for start in range(0, len(idx), batch):
+        part = slice(start, start + batch)
+        parts.append(collect_shard(base, plan, idx[part], w[part], g, negatives[part] if negatives else None))
+    return concat_shards(parts)
+
+
+@torch.no_grad()
+def standard_shard(base, plan, k, images, labels):
+    """Shard k of "standard" pairs instead of trajectories: real images noised by the forward process,
+    with the base's CFG output there as the target (the guidance distillation data of Meng et al.
+    2023, against which AGD trains on CFG's own trajectories).
+
+    Row for row it mirrors make_shard: trajectory i asks for class i mod the number of classes (a real
+    image of that class), w ~ U[w_min, w_max], and one row at each timestep the sampler visits (or the
+    kept ones), so that only where x_t comes from differs.
+    """
+    device = next(base.model.parameters()).device
+    g = torch.Generator().manual_seed(plan.seed * 100003 + k)
+    idx = torch.arange(k * plan.shard_size, min((k + 1) * plan.shard_size, plan.trajectories))
+    w = plan.w_min + (plan.w_max - plan.w_min) * torch.rand(len(idx), generator=g)
+    y = idx % base.model.config.num_classes
+    of_class = [torch.nonzero(labels == c).flatten() for c in range(base.model.config.num_classes)]
+    x0 = torch.stack([images[of_class[c][torch.randint(len(of_class[c]), (1,), generator=g)].item()]
+                      for c in y.tolist()]).to(device)  # (B, C, H, W)
+    timesteps = base.scheduler.timesteps(plan.steps)
+    kept = [timesteps[i].item() for i in keep_indices(len(timesteps), plan.keep_steps)]
+    cond, null = base.encode(y.to(device)), base.null(len(idx))
+    denoise = guidance.guided(base.model, w.to(device), cond, null, base.cfg_channels)
+    xs, targets = [], []
+    for t in kept:
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        tt = torch.full((len(idx),), t, device=device)
+        x_t = guidance.add_noise(base.scheduler.schedule, x0, tt, noise).half().float()  # as stored: the pair exact
+        xs.append(x_t.half().cpu())
+        targets.append(denoise(x_t, tt).half().cpu())
+    n = len(kept)
+    return {"x": torch.cat(xs), "t": torch.tensor(kept).repeat_interleave(len(idx)), "target": torch.cat(targets),
+            "w": w.repeat(n), "traj": torch.arange(len(idx)).repeat(n), "cond.y": y}
+
+
+def keep_rows(data, timesteps):
+    """The rows of collected data at the given timesteps only (a smaller --keep-steps of the same trajectories)."""
+    rows = torch.isin(data["t"], torch.as_tensor(list(timesteps)))
+    return {k: v[rows] if k in ("x", "t", "target", "w", "traj") else v for k, v in data.items()}
 
 
 def trajectory_bytes(shape, out_channels, keep, cond_bytes):
@@ -138,8 +221,13 @@ def collect(base, plan, folder, rank=0, world=1):
         print_storage(base, plan, n_shards, folder)
     for k in tqdm(range(rank, n_shards, world), desc="collect", disable=rank != 0):
         file = folder / f"shard_{k:05d}.safetensors"
-        if not file.is_file():
-            checkpoint.save_file(make_shard(base, plan, k), file)
+        if not file.is_file():  # written atomically: an interrupt or a full disk leaves no partial shard
+            shard = make_shard(base, plan, k)
+            bad = checkpoint.non_finite(shard)
+            if bad is not None:
+                raise checkpoint.CheckpointError(f"{file}: not written: its {bad} is not finite (the base's CFG "
+                                                 "outputs overflowed; in float16, try --dtype bfloat16)")
+            checkpoint.save_file(shard, file)
     if world > 1:
         dist.barrier()
 
@@ -161,13 +249,13 @@ def load_shards(folder):
     return concat_shards([checkpoint.read_tensors(f) for f in files])
 
 
-def batch_condition(data, rows, device, dtype):
-    """The stored condition of each row's trajectory, as the denoiser takes it."""
+def batch_condition(data, rows, device, dtype, prefix="cond."):
+    """The stored condition of each row's trajectory, as the denoiser takes it ("neg.": its negative's)."""
     cond = {}
     for k, v in data.items():
-        if k.startswith("cond."):
+        if k.startswith(prefix):
             v = v[data["traj"][rows]].to(device)
-            cond[k[len("cond."):]] = v.to(dtype) if v.is_floating_point() else v
+            cond[k[len(prefix):]] = v.to(dtype) if v.is_floating_point() else v
     return cond
 
 

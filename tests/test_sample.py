@@ -134,7 +134,8 @@ def test_dit_with_adapters_is_the_student_decoded(dit_pipeline, tmp_path, capsys
     (["--model", "dit", "--classes", "999", "1000"], "class 1000 is out of range: .* has classes 0-999"),
     (["--model", "dit", "--image-size", "512"], "its images are 16 x 16 px, not 512"),
     (["--model", "tiny", "--image-size", "32"], "its images are 28 x 28 px, not 32"),
-    (["--model", "dit", "--adapters", "no/such/agd.safetensors"], "agd.safetensors: missing"),
+    (["--model", "dit", "--adapters", "no/such/agd.safetensors"], r"no/such/agd.safetensors: not in the hub cache .* no such local file"),
+    (["--model", "dit", "--adapters", "/no/such/agd.safetensors"], r"/no/such/agd.safetensors: no such file or folder, and not a hub id"),
     (["--model", "dit", "--adapters", "TINY_ADAPTERS"], r"tiny.safetensors: unexpected key blocks\.2\."),
 ])
 def test_bad_input_is_one_line(tiny_teacher, dit_pipeline, tmp_path, argv, message):

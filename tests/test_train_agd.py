@@ -29,6 +29,10 @@ def test_end_to_end(tmp_path):
     assert rows == {(m, w) for m in ("base", "cfg", "agd") for w in (2.0, 4.0)}
     for r in metrics["results"]:
         assert r["fid"] >= 0 and 0 <= r["accuracy"] <= 1 and r["sec_per_image"] > 0
+    row = {(r["method"], r["w"]): r for r in metrics["results"]}
+    assert row[("base", 2.0)]["fid"] == row[("base", 4.0)]["fid"]  # the unguided teacher, listed beside each w
+    assert row[("cfg", 2.0)]["fid"] != row[("cfg", 4.0)]["fid"]  # guidance changes the samples
+    assert row[("cfg", 4.0)]["accuracy"] > row[("base", 4.0)]["accuracy"]  # and makes them show the class asked
     assert (tmp_path / "samples.png").stat().st_size > 0
     shards = sorted((tmp_path / "trajectories").glob("shard_*.safetensors"))
     assert len(shards) == 2
