@@ -446,8 +446,9 @@ def load_base(args):
 
 
 # On --resume these may differ from the options the run was made with (and are said); any other is an error.
+# --distill-steps may go on halving (6, then 3): the rounds done are kept, and --distill-from must not change.
 MAY_CHANGE = {"train_steps", "save_every", "max_skips", "device", "dtype", "gradient_checkpointing", "world",
-              "eval_w", "eval_samples", "eval_batch", "no_eval"}
+              "eval_w", "eval_samples", "eval_batch", "no_eval", "distill_steps"}
 # What the stored trajectory shards depend on: compared whenever they are reused, --resume or not.
 DATA = {"model", "weights", "seed", "trajectories", "steps", "keep_steps", "w_min", "w_max", "shard_size",
         "collect_batch", "prompts", "resolution", "cfg_channels", "negatives", "negative_prompts"}

@@ -3,7 +3,9 @@ are diffusers' DDIMScheduler's, rounds resume exactly, and collect -> train -> d
 end to end on tiny random DiT and SDXL layouts and on the bundled tiny teacher.
 """
 
+import contextlib
 import json
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +17,7 @@ import dit
 import distill
 import families
 import guidance
+import runs
 import sample
 import train_agd
 
@@ -167,14 +170,48 @@ def test_a_killed_round_resumes_to_the_same_adapters(tmp_path, monkeypatch):
     assert distill.read_steps(source) is None
 
 
+class Signals:
+    """runs.Signals as a round sees it: SIGTERM arrives at the `at`-th step it asks about."""
+
+    def __init__(self, at):
+        self.asked, self.at = 0, at
+
+    def deferred(self):
+        return contextlib.nullcontext()
+
+    def requested(self, world=1, device="cpu"):
+        self.asked += 1
+        return signal.SIGTERM if self.asked == self.at else 0
+
+
+def test_a_signal_stops_a_round_that_resumes_to_the_same_adapters(tmp_path):
+    """SIGTERM in the second round: that step ends, is checkpointed, Interrupted; --resume ends as an unbroken run."""
+    base = families.load("dit", tiny_dit(tmp_path / "dit"))
+    source = random_adapters(base, tmp_path / "agd.safetensors")
+    hp = distill.Distillation(steps=1, start=4, train_steps=5, batch_size=4, lr=1e-2, shard_size=2, buffer_shards=2,
+                              refresh_every=2, save_every=100)
+    distill.distill(base, source, hp, tmp_path / "whole")[0].detach()
+    with pytest.raises(runs.Interrupted, match="after step 2 of 5 of the 1-step round"):
+        distill.distill(base, source, hp, tmp_path / "stopped", signals=Signals(at=5 + 2))
+    assert torch.load(tmp_path / "stopped" / "distill_state.pt", weights_only=True)["step"] == 2
+    fresh = families.load("dit", tmp_path / "dit")
+    distill.distill(fresh, source, hp, tmp_path / "stopped", resume=True)
+    a = checkpoint.read_tensors(tmp_path / "whole" / "adapters_1steps.safetensors")
+    b = checkpoint.read_tensors(tmp_path / "stopped" / "adapters_1steps.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_dit_collect_train_distill_sample(tmp_path):
+    """One round (4 -> 2 steps), then a further one on --resume (2 -> 1), as README's 3-step round is made."""
     root = tiny_dit(tmp_path / "dit")
-    args = train_agd.parse_args(["--out", str(tmp_path / "run"), *TOY, "--model", "dit", "--weights", str(root),
-                                 "--dtype", "float32", "--use-class", "--distill-steps", "1", "--distill-from", "4",
-                                 "--distill-train-steps", "3"])
-    train_agd.main(args)
+    argv = ["--out", str(tmp_path / "run"), *TOY, "--model", "dit", "--weights", str(root), "--dtype", "float32",
+            "--use-class", "--distill-from", "4", "--distill-train-steps", "3"]
+    train_agd.main(train_agd.parse_args(argv + ["--distill-steps", "2"]))
     files = [tmp_path / "run" / f"adapters_{s}steps.safetensors" for s in (2, 1)]
-    assert [distill.read_steps(f) for f in files] == [2, 1]
+    first = files[0].read_bytes()
+    assert distill.read_steps(files[0]) == 2 and not files[1].exists()
+    train_agd.main(train_agd.parse_args(argv + ["--distill-steps", "1", "--resume"]))
+    assert [distill.read_steps(f) for f in files] == [2, 1] and files[0].read_bytes() == first  # kept as done
     base = families.load("dit", root)
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([999, 500, 3]), torch.tensor([1, 2, 10])
     with torch.no_grad():
@@ -210,6 +247,16 @@ def test_sdxl_collect_train_distill_sample(tmp_path, sdxl_root):
     train_agd.main(args)
     file = tmp_path / "run" / "adapters_1steps.safetensors"
     assert distill.read_steps(file) == 1
+    base = families.load("sdxl", sdxl_root, dtype=torch.float32)
+    x, t = torch.randn(1, *base.shape), torch.tensor([500])
+    with torch.no_grad():
+        cond = base.encode(["a red fox in the snow"])
+        expected = base.model(x, t, **cond)
+        student = adapters.load(base.model, file)
+        assert not torch.allclose(student(x, t, w=5.0, **cond), expected)
+        student.enabled = False
+        assert torch.equal(student(x, t, w=5.0, **cond), expected)  # switched off: the base, bit for bit
+    student.detach()
     parsed = sample.parse_args(["--model", "sdxl", "--weights", str(sdxl_root), "--adapters", str(file), "--w", "5",
                                 "--device", "cpu", "--height", "64", "--width", "64"])
     assert parsed.steps == 1
