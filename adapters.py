@@ -2,7 +2,8 @@
 
 Classifier-free guidance runs the denoiser twice per step. AGD keeps the base model frozen and
 attaches a small adapter beside each of its attention blocks (DiT: every block's self-attention
-`attn`; SD UNets: every transformer block's cross-attention `attn2`), conditioned on the guidance
+`attn`; SD UNets: every transformer block's cross-attention `attn2`; SD3's MMDiT: every joint block's
+attention `attn`, on the image stream), conditioned on the guidance
 scale w, and trains the adapters so that one pass at w gives what CFG gives at w:
 
     student = adapters.attach(model, hidden_dim=256)   # base weights shared and frozen
@@ -68,6 +69,8 @@ class Site:
     #            "vector": its first input is one (B, in_dim) vector per sample and its output (B, out_dim)
     in_dim: int
     out_dim: int
+    tuple_output: bool = False  # the module returns a tuple whose first element is those (B, T, out_dim) tokens,
+    #                             what the adapter adds to (MMDiT's joint attention: (image stream, text stream))
 
 
 class Attachment(nn.Module):
@@ -359,6 +362,8 @@ class Student(Attachment):
             delta = delta[:, 0]  # (B, D)
         if self.config.zero_at_w1:
             delta = delta * (w - 1).view(-1, *[1] * (delta.dim() - 1))
+        if self.sites[i].tuple_output:  # the image stream's tokens gain the delta; the rest passes through
+            return (output[0] + delta.to(output[0].dtype), *output[1:])
         return output + delta.to(output.dtype)
 
     def forward(self, x, t, w, negative=None, **cond):
@@ -427,6 +432,12 @@ def read_config(path):
         return AdapterConfig(**config)
     except TypeError as e:
         raise checkpoint.CheckpointError(f"{path}: adapter options this version does not know ({e})") from None
+
+
+def push_to_hub(run_folder, repo_id, token=None, private=False):
+    """Publish a training run's adapters (train_agd.py's --out) with its model card; `load(model, repo_id)` then
+    fetches them. Returns the repo's URL (hub.push_to_hub)."""
+    return hub.push_to_hub(run_folder, repo_id, token=token, private=private)
 
 
 def load(model, path):

@@ -44,6 +44,7 @@ import checkpoint
 import families
 import guidance
 import hub
+import prompts
 import runs
 import train_agd
 import trajectories
@@ -392,3 +393,58 @@ def distill(base, source, hp, out, resume=False, rank=0, world=1, signals=None):
         files.append(file)
     teacher.detach()  # the base is left with the student alone
     return student, files, diagnosis
+
+
+# -----------------------------------------------------------------------------
+# train_agd.py's step distillation options
+
+
+def add_arguments(parser):
+    """train_agd.py's argument group for step distillation."""
+    g = parser.add_argument_group("step distillation (distill.py)")
+    g.add_argument("--distill-steps", type=int, help="after training, halve the adapters' DDIM steps round by "
+                   "round down to N (progressive distillation): <out>/adapters_<S>steps.safetensors for each round")
+    g.add_argument("--adapters", help="an adapters file to distill instead of training AGD adapters first")
+    g.add_argument("--distill-from", type=int, help="the first teacher's steps, N x a power of 2 (default: the most "
+                   "up to the model's DDIM default, tiny 24 for N = 6; a distilled --adapters file: its steps)")
+    g.add_argument("--distill-train-steps", type=int, help="training steps per round")
+    g.add_argument("--distill-lr", type=float, help="peak learning rate of each round")
+
+
+def check_arguments(p, args, family):
+    """The step distillation flags: their defaults (DEFAULTS) and what they must agree on."""
+    if args.distill_steps is None:
+        if args.adapters is not None:
+            p.error("--adapters names adapters to distill: give --distill-steps too")
+        return
+    if args.push_to_hub:
+        p.error("--push-to-hub: the model card describes AGD's adapters, not distilled ones; upload without "
+                "--distill-steps, or the round's file by hand")
+    if args.model not in DEFAULTS:  # SD3's flow matching: DDIM's VP schedule is not its sampler
+        p.error(f"--distill-steps is for {', '.join(DEFAULTS)} (DDIM on their VP schedule), not {args.model}")
+    for k, v in DEFAULTS[args.model].items():
+        if getattr(args, f"distill_{k}", None) is None:
+            setattr(args, f"distill_{k}", v)
+    try:
+        given = read_steps(args.adapters) if args.adapters else None  # a distilled file goes on from its steps
+    except (checkpoint.CheckpointError, FileNotFoundError) as e:
+        p.error(f"--adapters: {e}")
+    ddim = family.sample["steps"]["ddim"] if family.conditioning == "class" else family.sample["steps"]
+    args.distill_from = args.distill_from or given or start_steps(args.distill_steps, ddim)
+    if given is not None and args.distill_from != given:
+        p.error(f"--adapters {args.adapters} were distilled to {given} steps: they halve from there, not from "
+                f"{args.distill_from}")
+    try:
+        round_steps(args.distill_from, args.distill_steps)
+    except ValueError as e:
+        p.error(f"--distill-from / --distill-steps: {e}")
+
+
+def plan(args, family):
+    """The CLI's step distillation flags as a Distillation."""
+    return Distillation(
+        steps=args.distill_steps, start=args.distill_from, train_steps=args.distill_train_steps,
+        batch_size=args.batch_size, lr=args.distill_lr, w_min=args.w_min, w_max=args.w_max,
+        shard_size=args.distill_shard_size, batch=args.collect_batch, buffer_shards=args.distill_buffer_shards,
+        refresh_every=args.distill_refresh_every, save_every=args.save_every, seed=args.seed,
+        prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None)

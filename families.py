@@ -8,17 +8,22 @@ sampled, where its adapters sit, and its defaults for training and sampling.
 
 train_agd.py, sample.py, the benches and the notebooks read FAMILIES; no second copy of a hub id.
 A family conditions on a class (DiT: its null class is `num_classes`, the row label dropout
-trained) or on a prompt (SD: the pipeline's null, the empty prompt for SD 2.1, zeros for SDXL).
+trained) or on a prompt (SD: the pipeline's null, the empty prompt for SD 2.1 and SD3, zeros for
+SDXL). A prompt family's Base can encode every prompt it will be asked for at once and let its text
+encoders go (`base.precomputed(prompts)`), as training does: T5-XXL never sits beside it.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import adapters
+import checkpoint
 import dit
 import guidance
+import mmdit
 import unet
 
 ROOT = Path(__file__).resolve().parent
@@ -47,7 +52,18 @@ def unet_sites(model, modulation=False):
             for name, m in model.named_modules() if isinstance(m, unet.TransformerBlock)]
 
 
-SITES = {dit.DiT: dit_sites, unet.UNet: unet_sites}
+def mmdit_sites(model, modulation=False):
+    """Every joint block's attention `attn`, image stream: it is called as attn(image tokens, text tokens) and
+    returns (image out, text out), and the adapter adds to the image's (SD3.5 Medium's image-only attn2 gets none)."""
+    if modulation:
+        raise ValueError("modulation adapters are for DiTs (adaLN); an MMDiT takes its adapters beside each joint "
+                         "attention")
+    D = model.config.hidden_size
+    return [adapters.Site(f"transformer_blocks.{i}.attn", "tokens", D, D, tuple_output=True)
+            for i in range(model.config.num_layers)]
+
+
+SITES = {dit.DiT: dit_sites, unet.UNet: unet_sites, mmdit.MMDiT: mmdit_sites}
 
 
 def sites(model, modulation=False):
@@ -61,6 +77,8 @@ def sites(model, modulation=False):
 # -----------------------------------------------------------------------------
 # a loaded base model
 
+PRECOMPUTE_BATCH = 16  # prompts encoded at once by Base.precomputed
+
 
 @dataclass
 class Base:
@@ -73,12 +91,39 @@ class Base:
     encode: callable  # conditions (class ids (B,), or B prompts) -> the model's cond dict
     null: callable  # (n, negative=None) -> the cond dict CFG subtracts: the null condition, or a negative one
     vae: torch.nn.Module = None  # the autoencoder of a latent model, when asked for
-    prompt_encoder: torch.nn.Module = None  # SD's
+    prompt_encoder: torch.nn.Module = None  # SD's; None once the prompts are precomputed
     cfg_channels: int = None  # the output channels CFG guides: all (None), or DiT's own code's 3 of 4
+    context_dim: int = None  # the width of the prompt tokens `context` (the UNet's cross-attention, MMDiT's text)
 
     @property
     def out_channels(self):
         return self.model.config.out_channels
+
+    def precomputed(self, prompts, batch=PRECOMPUTE_BATCH):
+        """This Base with `prompts` and the null condition encoded now, once each, and no prompt encoder: encode
+        and null look them up (kept on the CPU, moved to the model's device per call). Training takes it so
+        that the text encoders are freed before sampling starts; a prompt not given here is an error."""
+        device = next(self.model.parameters()).device
+        table = {}
+        unique = list(dict.fromkeys([*prompts, ""]))  # "": what negative_condition encodes where there is no negative
+        for start in range(0, len(unique), batch):
+            chunk = unique[start:start + batch]
+            cond = self.encode(chunk)
+            table.update({p: {k: v[i:i + 1].cpu() for k, v in cond.items()} for i, p in enumerate(chunk)})
+        null_row = {k: v.cpu() for k, v in self.null(1).items()}
+
+        def encode(batch):
+            missing = [p for p in batch if p not in table]
+            if missing:
+                raise ValueError(f"prompt {missing[0]!r} was not among the precomputed ones")
+            return {k: torch.cat([table[p][k] for p in batch]).to(device) for k in null_row}
+
+        def null(n, negative=None):
+            if negative is None:
+                return {k: v.to(device).expand(n, *v.shape[1:]) for k, v in null_row.items()}
+            return encode([negative] * n if isinstance(negative, str) else list(negative))
+
+        return dataclasses.replace(self, encode=encode, null=null, prompt_encoder=None)
 
     def adapter_options(self, use_class=False, use_prompt=False, use_negative=False, **options):
         """AdapterConfig options for this model: `use_class` / `use_prompt` become their widths, and
@@ -87,11 +132,11 @@ class Base:
         if use_class:
             options["num_classes"] = c.num_classes + 1  # with the null class
         if use_prompt:
-            options["prompt_dim"] = c.cross_attention_dim
+            options["prompt_dim"] = self.context_dim
         if use_negative and self.family.conditioning == "class":
             options["negative_classes"] = c.num_classes + 1  # the null class: no negative
         elif use_negative:
-            options["negative_prompt_dim"] = c.cross_attention_dim
+            options["negative_prompt_dim"] = self.context_dim
         return options
 
     def lora_models(self):
@@ -204,7 +249,51 @@ def load_sd(family, weights, dtype=None, device=None, height=None, width=None, w
 
     return Base(family, str(weights), model, guidance.scheduler_from_config(weights),
                 (model.config.in_channels, height // factor, width // factor), encode, null, vae=ae,
-                prompt_encoder=encoder)
+                prompt_encoder=encoder, context_dim=model.config.cross_attention_dim)
+
+
+# -----------------------------------------------------------------------------
+# Stable Diffusion 3 and 3.5: text-conditional MMDiT on 16-channel latents, flow matching
+
+
+def load_sd3(family, weights, dtype=None, device=None, height=None, width=None, with_vae=False, vae_weights=None,
+             t5=True, **_):
+    """The MMDiT, its three text encoders (T5-XXL left out with t5=False: zeros in its place) and the repo's
+    flow-matching scheduler; the latent shape at height x width pixels (default: the MMDiT's native size)."""
+    import prompts
+    import vae
+
+    pipeline = prompts.repo_json(weights).get("_class_name")  # another family's repo is refused before any loading
+    if not str(pipeline).startswith("StableDiffusion3"):
+        raise checkpoint.CheckpointError(f"{weights}: model_index.json names a {pipeline}, not SD3 or SD3.5's "
+                                         "StableDiffusion3Pipeline")
+    patch = prompts.repo_json(weights, "transformer/config.json").get("patch_size", 2)
+    if with_vae:  # first: a size it cannot make is refused before the large models load
+        ae = vae.from_pretrained(vae_weights or weights, dtype=dtype, device=device)
+    else:  # the latent grid all the same, from the autoencoder's config alone
+        ae = None
+        vae_config = vae.config_from_diffusers(prompts.repo_json(weights, "vae/config.json"),
+                                               source=f"{weights}/vae/config.json")
+    factor = (ae.config if ae is not None else vae_config).downsampling_factor
+    for name, side in (("height", height), ("width", width)):  # as StableDiffusion3Pipeline.check_inputs
+        if side is not None and side % (factor * patch):
+            raise ValueError(f"{name} {side}: not a multiple of {factor * patch}, the autoencoder's downsampling "
+                             f"factor {factor} times the transformer's patch size {patch}")
+    model = mmdit.from_pretrained(weights, dtype=dtype, device=device)
+    native = model.config.sample_size * factor
+    height, width = height or native, width or native
+    encoder = prompts.SD3PromptEncoder.from_pretrained(weights, dtype=dtype, device=device, t5=t5)
+
+    def encode(batch):
+        return encoder(list(batch))
+
+    def null(n, negative=None):  # the empty prompt through all three encoders, or a negative prompt
+        return encoder.null(n, negative_prompt=negative)
+
+    c = model.config
+    return Base(family, str(weights), model, guidance.scheduler_from_config(weights),
+                (c.in_channels, height // factor, width // factor), encode, null, vae=ae, prompt_encoder=encoder,
+                context_dim=c.joint_attention_dim)
 
 
 # -----------------------------------------------------------------------------
@@ -220,6 +309,7 @@ class Family:
     conditioning: str  # "class" or "prompt"
     loader: callable  # (family, weights, dtype, device, **options) -> Base
     latent: bool = True  # denoises an autoencoder's latents (decoded at the end), else pixels
+    t5: bool = False  # its prompts also pass through T5-XXL, which the loaders' t5=False (--no-t5) leaves out
     sizes: dict = field(default_factory=dict)  # DiT: image side in pixels -> its official weights
     sample: dict = field(default_factory=dict)  # sample.py's defaults
     train: dict = field(default_factory=dict)  # train_agd.py's defaults (adapter options among them)
@@ -263,6 +353,25 @@ FAMILIES = {
         load_sd, sample=dict(prompts=["An astronaut riding a green horse"], steps=50, cfg=7.5),  # its model card's
         train=dict(trajectories=500, steps=50, keep_steps=8, train_steps=5000, batch_size=16, lr=1e-4, hidden_dim=320,
                    mlp_ratio=4.0, w_min=1.0, w_max=12.0, collect_batch=4, gradient_checkpointing=True)),
+    # SD3 / SD3.5: sampled as their model cards do; trained as SD, at their cards' step counts. The w range:
+    # SD3 takes the paper's and the official code's U[1, 12] (its --max-guidance-scale default, for every SD
+    # model it lists, SD3 Medium among them), which holds the pipeline's default 7.0 as it holds SD's 7.5.
+    # SD3.5 is sampled at far less (its cards: Medium 4.5, Large 3.5); U[1, 8] holds those and the pipeline's
+    # 7.0, where U[1, 12] would spend 36 % of the trajectories above 8. Batch 8, half of SDXL's, for the
+    # 4,096 + 333 tokens of a 1024 px step (not yet measured on a GPU).
+    "sd3": Family(
+        "sd3", "Stable Diffusion 3 Medium (1024 px, flow matching)", "stabilityai/stable-diffusion-3-medium-diffusers",
+        "prompt", load_sd3, t5=True,
+        sample=dict(prompts=["A cat holding a sign that says hello world"], steps=28, cfg=7.0),  # its model card's
+        train=dict(trajectories=500, steps=28, keep_steps=8, train_steps=5000, batch_size=8, lr=1e-4, hidden_dim=320,
+                   mlp_ratio=4.0, w_min=1.0, w_max=12.0, collect_batch=4, gradient_checkpointing=True)),
+    "sd35": Family(
+        "sd35", "Stable Diffusion 3.5 Medium (1024 px, flow matching; --weights "
+        "stabilityai/stable-diffusion-3.5-large for Large)", "stabilityai/stable-diffusion-3.5-medium", "prompt",
+        load_sd3, t5=True,
+        sample=dict(prompts=["A capybara holding a sign that reads Hello World"], steps=40, cfg=4.5),  # its card's
+        train=dict(trajectories=500, steps=40, keep_steps=8, train_steps=5000, batch_size=8, lr=1e-4, hidden_dim=320,
+                   mlp_ratio=4.0, w_min=1.0, w_max=8.0, collect_batch=4, gradient_checkpointing=True)),
 }
 
 

@@ -10,11 +10,11 @@ them). Models, CFG and adapter students all become one with a closure:
 
 A schedule gives (alpha_t, sigma_t) of x_t = alpha_t x_0 + sigma_t eps at a model timestep t:
 VP schedules (DiT, SD) from the `alphas_cumprod` of their betas, alpha^2 + sigma^2 = 1; flow
-matching (SD3) has alpha = 1 - sigma. Steps are plain functions of the model's output between two
-such pairs, `step(out, x, now, nxt, noise=None, **options)`, and `sample` runs one over a list of
-timesteps, reporting each step to a callback (what AGD's trajectory collection keeps, Algorithm 1
-of Jensen & Sadat 2025). A `Scheduler` puts a schedule, a step and its options together as a
-diffusers scheduler config describes them (`scheduler_from_config`), for DiT as for SD.
+matching (SD3) has alpha = 1 - sigma at sigma = t / 1000. Steps are plain functions of the model's
+output between two such pairs, `step(out, x, now, nxt, noise=None, **options)`, and `sample` runs one
+over a list of timesteps, reporting each step to a callback (what AGD's trajectory collection keeps,
+Algorithm 1 of Jensen & Sadat 2025). A `Scheduler` puts a schedule, a step and its options together as a
+diffusers scheduler config describes them (`scheduler_from_config`), for DiT, SD and SD3 alike.
 """
 
 import json
@@ -76,6 +76,27 @@ class VPSchedule:
         return abar.sqrt(), (1 - abar).sqrt()
 
 
+class FlowSchedule:
+    """Flow matching's straight path (Liu et al. 2022; Lipman et al. 2023; SD3, Esser et al. 2024, sec. 2):
+    x_t = (1 - sigma) x_0 + sigma eps at sigma = t / T, so alpha_t = 1 - sigma_t.
+
+    The model is given t = T sigma, fractional; the model predicts the velocity eps - x_0 ("flow").
+    """
+
+    def __init__(self, num_train_timesteps=1000):
+        self.num_train_timesteps = num_train_timesteps
+
+    def __call__(self, t):
+        """(alpha_t, sigma_t) as Python floats, for one timestep."""
+        sigma = float(t) / self.num_train_timesteps
+        return 1 - sigma, sigma
+
+    def per_sample(self, t, like):
+        """(alpha_t, sigma_t) for timesteps t (B,), shaped to broadcast against `like` (B, ...)."""
+        sigma = (t.to(like.device).float() / self.num_train_timesteps).view(-1, *[1] * (like.ndim - 1))
+        return 1 - sigma, sigma
+
+
 def add_noise(schedule, x0, t, noise):
     """Sample q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) at timesteps t (B,)."""
     alpha, sigma = schedule.per_sample(t, x0)
@@ -103,6 +124,25 @@ def spaced_timesteps(num_steps, num_train_timesteps=1000, spacing="leading", ste
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}")
     return torch.from_numpy(np.sort(ts.astype(np.int64))[::-1].copy())
+
+
+def shift_sigmas(sigmas, shift):
+    """Move sigmas towards the noise: s -> shift s / (1 + (shift - 1) s) (Esser et al. 2024, eq. 23; SD3: shift 3)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_timesteps(num_steps, shift=1.0, num_train_timesteps=1000):
+    """The descending float32 timesteps T sigma of a flow-matching run, as FlowMatchEulerDiscreteScheduler's
+    set_timesteps makes them: sigmas evenly spaced from 1 to the smallest training sigma, then shifted.
+
+    The scheduler shifts that end point twice (once in its __init__, once here), and so do we.
+    """
+    if num_steps < 1:
+        raise ValueError(f"steps must be at least 1, got {num_steps}")
+    N = num_train_timesteps
+    sigma_min = shift_sigmas(torch.tensor(1.0, dtype=torch.float32) / N, shift).item()  # in float32, as its __init__
+    sigmas = shift_sigmas(np.linspace(1.0 * N, sigma_min * N, num_steps) / N, shift)  # float64, as numpy there
+    return torch.from_numpy(sigmas).to(torch.float32) * N
 
 
 # -----------------------------------------------------------------------------
@@ -168,7 +208,8 @@ class WSchedule:
                 f = 1.0
             elif self.kind == "interval":
                 alpha, sigma = scheduler.schedule(t)
-                f = 1.0 if self.low < sigma / alpha <= self.high else 0.0
+                noise_level = sigma / alpha if alpha > 0 else math.inf  # flow matching's first step: pure noise
+                f = 1.0 if self.low < noise_level <= self.high else 0.0
             elif self.kind == "linear":
                 f = self.start + (self.end - self.start) * (i / (n - 1) if n > 1 else 0.0)
             else:
@@ -254,7 +295,7 @@ def ddim_step(out, x, now, nxt, noise=None, eta=0.0, prediction_type="epsilon", 
     """DDIM step (Song et al. 2021, eq. 12); eta = 0 is deterministic. Learned variance is ignored.
 
     In flow matching's (alpha, sigma) = (1 - s, s), deterministic DDIM is the Euler step of the flow
-    x + (s_next - s) v, which is what FlowMatchEulerDiscreteScheduler takes.
+    x + (s_next - s) v, which is what FlowMatchEulerDiscreteScheduler takes (equal to rounding; tested).
     """
     C = x.shape[1]
     (alpha, sigma), (alpha_next, sigma_next) = now, nxt
@@ -298,21 +339,26 @@ class Scheduler:
         s = scheduler_from_config("stabilityai/stable-diffusion-2-1")
         x0 = sample(denoise, x, s, s.timesteps(50))
 
-    It samples as diffusers runs the config at SD's and SDXL's "leading" spacing. At the others
+    It samples as diffusers runs the config at SD's and SDXL's "leading" spacing, and as
+    FlowMatchEulerDiscreteScheduler runs SD3's (to rounding). At the others
     diffusers differs: its DDIM and DDPM step to t - T // steps rather than to the next timestep
     visited (the same under "trailing" only when the steps divide T), and its Euler visits unrounded
     "linspace" timesteps and starts from sqrt(1 - abar_T) x_T rather than x_T.
     """
 
-    schedule: VPSchedule  # t -> (alpha_t, sigma_t)
+    schedule: VPSchedule  # t -> (alpha_t, sigma_t): a VPSchedule, or a FlowSchedule
     step_fn: callable  # ddim_step, euler_step or ddpm_step
     options: dict = field(default_factory=dict)  # the step's: prediction_type, clip_sample, eta
-    timestep_spacing: str = "leading"  # "leading", "trailing", "linspace" (Lin et al. 2023, Table 2) or "iddpm"
+    timestep_spacing: str = "leading"  # "leading", "trailing", "linspace" (Lin et al. 2023, Table 2), "iddpm",
+    #                                    or flow matching's "shifted" (flow_timesteps)
     steps_offset: int = 0  # added to "leading" timesteps: SD's 1 puts the last step at t = 1
     final: tuple = (1.0, 0.0)  # (alpha, sigma) after the last step: the clean sample, or SD DDIM's abar_0
+    shift: float = 1.0  # of "shifted" timesteps: SD3's 3.0 spends more steps at high noise (shift_sigmas)
 
     @property
     def name(self):
+        if self.options.get("prediction_type") == "flow":  # DDIM on a velocity is the flow's Euler step
+            return "flow euler"
         return self.step_fn.__name__.removesuffix("_step")
 
     @property
@@ -326,6 +372,8 @@ class Scheduler:
 
     def timesteps(self, num_steps):
         """The descending timesteps of a num_steps run, as the scheduler's set_timesteps chooses them."""
+        if self.timestep_spacing == "shifted":
+            return flow_timesteps(num_steps, self.shift, self.schedule.num_train_timesteps)
         return spaced_timesteps(num_steps, self.schedule.num_train_timesteps, self.timestep_spacing,
                                 self.steps_offset)
 
@@ -369,6 +417,12 @@ CLASS_DEFAULTS = {"EulerDiscreteScheduler": dict(timestep_spacing="linspace")}
 SCHEDULER_FIXED = dict(thresholding=False, rescale_betas_zero_snr=False, use_karras_sigmas=False,
                        use_exponential_sigmas=False, use_beta_sigmas=False, interpolation_type="linear",
                        final_sigmas_type="zero", timestep_type="discrete")
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # SD3 and SD3.5's: Euler steps on the velocity
+# its options that would change the sampler, at the one value implemented here (the SD3 and SD3.5 repos set
+# them so, or leave them out); the dynamic-shifting settings act only with use_dynamic_shifting
+FLOW_FIXED = dict(use_dynamic_shifting=False, invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False,
+                  use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False)
+FLOW_INERT = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type")
 
 
 def scheduler_from_config(config):
@@ -376,7 +430,8 @@ def scheduler_from_config(config):
 
     Another of the classes above samples with the same schedule as diffusers' `from_config` swap does:
     scheduler_from_config({**read_scheduler_config(root), "_class_name": "EulerDiscreteScheduler"}).
-    "timestep_spacing": "iddpm" (ours) respaces as DiT samples.
+    "timestep_spacing": "iddpm" (ours) respaces as DiT samples. A FlowMatchEulerDiscreteScheduler config
+    (SD3, SD3.5) gives flow matching's schedule and step (flow_scheduler).
     """
     if not isinstance(config, dict):
         file = scheduler_config_file(config)
@@ -386,9 +441,11 @@ def scheduler_from_config(config):
         except ValueError as e:  # an option not implemented here: name the file
             raise checkpoint.CheckpointError(f"{file}: {e}") from None
     name = config.get("_class_name")
+    if name == FLOW_SCHEDULER:
+        return flow_scheduler(config)
     if name not in SCHEDULER_STEPS:
         raise ValueError(f"_class_name {name!r}: no sampler here follows it (set it to one of "
-                         f"{', '.join(SCHEDULER_STEPS)})")
+                         f"{', '.join([*SCHEDULER_STEPS, FLOW_SCHEDULER])})")
     c = {**SCHEDULER_DEFAULTS, **CLASS_DEFAULTS.get(name, {}), **config}
     for key, value in SCHEDULER_FIXED.items():
         if c.get(key) not in (None, value):  # absent, or null as diffusers' own files sometimes say
@@ -415,6 +472,20 @@ def scheduler_from_config(config):
                              "'learned_range', which ddpm_step reads off the model's channels)")
         options.update(clip_sample=clip_sample)
     return Scheduler(schedule, step, options, c["timestep_spacing"], c["steps_offset"], final)
+
+
+def flow_scheduler(config):
+    """The Scheduler of a FlowMatchEulerDiscreteScheduler config: deterministic DDIM on the velocity (its Euler
+    step) over "shifted" timesteps, with the config's shift; other options are refused, unknown ones named."""
+    for key, value in config.items():
+        if key.startswith("_") or key in ("num_train_timesteps", "shift") or key in FLOW_INERT:
+            continue  # _class_name, _diffusers_version: bookkeeping
+        if key not in FLOW_FIXED:
+            raise ValueError(f"{key} is not a {FLOW_SCHEDULER} option this sampler knows")
+        if value != FLOW_FIXED[key]:
+            raise ValueError(f"{key}={value!r} is not supported (only {key}={FLOW_FIXED[key]!r})")
+    return Scheduler(FlowSchedule(int(config.get("num_train_timesteps", 1000))), ddim_step,
+                     dict(prediction_type="flow"), timestep_spacing="shifted", shift=float(config.get("shift", 1.0)))
 
 
 def scheduler_config_file(path_or_repo_id):

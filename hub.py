@@ -103,6 +103,12 @@ def read_run(run_folder):
     if "config" not in meta:
         raise checkpoint.CheckpointError(f"{file}: not an adapters file (no adapter config in its metadata)")
     metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    options = folder / "run.json"  # the options train_agd.py ran with (runs.OPTIONS_FILE): the training settings
+    if options.is_file():
+        options = json.loads(options.read_text())
+        metrics.setdefault("model", options.get("model"))
+        metrics["settings"] = {k: options[k] for k in RUN_SETTINGS if options.get(k) is not None} | \
+            metrics.get("settings", {})
     losses = json.loads((folder / "losses.json").read_text()) if (folder / "losses.json").is_file() else []
     return meta, json.loads(meta["config"]), metrics, losses
 
@@ -127,6 +133,8 @@ SETTING_NAMES = {  # what metrics.json's entries mean, for the card's training t
     "eval_samples": "samples per row of the evaluation",
     "minutes": "minutes, collection + training + evaluation",
 }
+RUN_SETTINGS = ("trajectories", "steps", "w_min", "w_max", "train_steps", "batch_size", "lr", "loss", "resolution",
+                "negatives", "dtype", "seed")  # of run.json, shown on the card
 NOT_SETTINGS = {"results", "model", "weights", "adapter_parameters", "base_parameters"}  # shown elsewhere
 
 
@@ -150,14 +158,25 @@ def results_table(results):
                    f"{1000 * r['sec_per_image']:.2f}"] for r in results])
 
 
-def usage(family, base, source, config, w):
+# The base model class an adapters file records ("model") -> the module its adapters sit beside; files of
+# before that was recorded name their target module in the options.
+TARGETS = {"DiT": "attn", "UNet": "attn2", "MMDiT": "attn"}
+MODULES = {"DiT": "dit", "UNet": "unet", "MMDiT": "mmdit"}  # the file that builds each of them
+
+
+def base_class(meta, config):
+    """The class of the base model the adapters were trained beside: DiT, UNet or MMDiT."""
+    return meta.get("model") or ("UNet" if config.get("target") == "attn2" else "DiT")
+
+
+def usage(family, base, source, model_class, w):
     """How to load the adapters: Python, and the sample.py command."""
-    sd = config.get("target") == "attn2"  # adapters beside cross-attention: a UNet
+    sd = model_class != "DiT"  # prompt-conditioned: a UNet or SD3's MMDiT
     bundled = (ROOT / base).exists()  # the tiny teacher of assets/: sample.py's default for --model tiny
     if family == "tiny" and bundled:
         load = "import adapters, tiny\n\nmodel = tiny.load_teacher()"
     else:
-        file = "unet" if sd else "dit"
+        file = MODULES[model_class]
         load = f'import adapters, {file}\n\nmodel = {file}.from_pretrained("{base}")'
     cond, what = ("**cond", "cond: the prompt's, as sample.py encodes it") if sd else ("y=labels", "labels: class ids (B,)")
     weights = "" if bundled else f" --weights {base}"
@@ -178,16 +197,17 @@ def model_card(run_folder, repo_id=None):
     folder = Path(run_folder)
     meta, config, metrics, losses = read_run(folder)
     base = meta.get("base") or metrics.get("weights") or "unknown"
-    family = metrics.get("model") or meta.get("model") or ("dit" if config.get("target") == "attn" else None)
+    model_class = base_class(meta, config)
+    family = metrics.get("model") or ("dit" if model_class == "DiT" else None)
     results = metrics.get("results", [])
     agd = [r for r in results if r["method"] == "agd"]
-    w = min(agd, key=lambda r: r["fid"])["w"] if agd else 7.5 if config.get("target") == "attn2" else 4.0
+    w = min(agd, key=lambda r: r["fid"])["w"] if agd else 4.0 if model_class == "DiT" else 7.5
     source = repo_id or str(folder / ADAPTERS_FILE)
 
     front = ["---", "library_name: agd"]
     if is_hub_id(base):
         front += [f"base_model: {base}", "base_model_relation: adapter"]
-    if config.get("target") == "attn2":
+    if model_class != "DiT":
         front += ["pipeline_tag: text-to-image"]
     tags = ["agd", "adapter-guidance-distillation", "classifier-free-guidance", "guidance-distillation",
             "diffusion"] + ([family] if family else [])
@@ -201,7 +221,7 @@ def model_card(run_folder, repo_id=None):
         where = f"`{base}`, a local folder (not on the hub)"
     adapter_params, base_params = parameter_counts(folder / ADAPTERS_FILE, metrics)
     share = f" ({100 * adapter_params / base_params:.1f} % of the base's {base_params:,})" if base_params else ""
-    placement = f"beside every `{config.get('target')}` module" + (
+    placement = f"beside every `{config.get('target') or TARGETS[model_class]}` module" + (
         " and on every adaLN modulation" if config.get("modulation") else "")
     size = (folder / ADAPTERS_FILE).stat().st_size / 1e6
 
@@ -246,7 +266,7 @@ def model_card(run_folder, repo_id=None):
     lines += ["", "## How to use", "",
               f"With agd (`adapters.load` takes a hub id: `user/repo` fetches its "
               f"`{ADAPTERS_FILE}` through the hub cache):", "",
-              usage(family, base, source, config, w), ""]
+              usage(family, base, source, model_class, w), ""]
     return "\n".join(lines)
 
 

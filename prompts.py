@@ -37,7 +37,7 @@ def read_prompts(file):
 # prompt encoding, as the diffusers pipelines do it
 
 
-def _repo_json(path_or_repo_id, name="model_index.json"):
+def repo_json(path_or_repo_id, name="model_index.json"):
     """A JSON file of a pipeline repo (local folder or hub id): its model_index.json, which lists its components."""
     path = Path(path_or_repo_id).expanduser()
     if path.exists():
@@ -72,7 +72,7 @@ class PromptEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, variant=None):
         """SD 2.1's tokenizer and text encoder, or SDXL's two of each, as the repo's model_index.json lists them."""
-        index = _repo_json(path_or_repo_id)
+        index = repo_json(path_or_repo_id)
         listed = [name for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
                   if isinstance(index.get(name), list) and index[name][0] is not None]
         if listed[:2] != ["tokenizer", "text_encoder"]:
@@ -157,13 +157,13 @@ class SD3PromptEncoder(nn.Module):
     def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, t5=True, variant=None,
                         max_sequence_length=None):
         """The two CLIP towers (and with t5=True T5-XXL) of an SD3 / SD3.5 repo, with their tokenizers."""
-        index = _repo_json(path_or_repo_id)
+        index = repo_json(path_or_repo_id)
         if not all(isinstance(index.get(n), list) and index[n][0] is not None
                    for n in ("text_encoder", "text_encoder_2", "text_encoder_3")):
             raise checkpoint.CheckpointError(f"{path_or_repo_id}: model_index.json lists no text_encoder, "
                                              "text_encoder_2 and text_encoder_3 (expected SD3 or SD3.5)")
         # the text width is the transformer's (T5's, also without T5); read from its config alone
-        joint_attention_dim = _repo_json(path_or_repo_id, "transformer/config.json").get("joint_attention_dim", 4096)
+        joint_attention_dim = repo_json(path_or_repo_id, "transformer/config.json").get("joint_attention_dim", 4096)
 
         def encoder(subfolder):  # frozen: AGD never trains the text encoders
             model = TextEncoder.from_pretrained(path_or_repo_id, subfolder, dtype, device, variant)

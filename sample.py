@@ -6,6 +6,8 @@
     python sample.py --model tiny --classes 0 1 2 3 --cfg 3.0                 # the bundled MNIST teacher
     python sample.py --model sdxl --prompt "a red fox in the snow" --num-images 4 --cfg 7.5 --dtype bfloat16
     python sample.py --model sd21 --weights my-sd21-finetune --adapters runs/sd21/adapters.safetensors --w 7.5
+    python sample.py --model sd3 --prompt "a red fox in the snow" --cfg 7.0 --dtype bfloat16 --no-t5
+    python sample.py --model sd35 --adapters runs/sd35/adapters.safetensors --w 4.5 --dtype bfloat16
     python sample.py --model sdxl --lora style.safetensors:0.8 --adapters runs/sdxl/adapters.safetensors --w 7.5
 
 DiT is sampled as its paper samples it (facebookresearch/DiT sample_ddp.py): 250 DDPM steps respaced
@@ -16,7 +18,10 @@ as diffusers' DiTPipeline runs the hub's scheduler config (families.dit_schedule
 Stable Diffusion 2.1 and XL are sampled as diffusers' StableDiffusion(XL)Pipeline samples them: the
 sampler, schedule and prediction of the repo's scheduler config (SD 2.1: DDIM, v; SDXL: Euler,
 epsilon), CFG against the negative prompt or the model's own null condition, at the image size the
-UNet was trained for unless --height and --width say otherwise. Adapters trained on a base model
+UNet was trained for unless --height and --width say otherwise. SD3 and SD3.5 are sampled as
+StableDiffusion3Pipeline samples them: Euler steps of the flow at the scheduler config's shifted
+timesteps, CFG on the velocity, the latents decoded as z / scaling_factor + shift_factor; --no-t5 puts
+zeros in T5-XXL's place, as the pipeline with text_encoder_3=None. Adapters trained on a base model
 load as well onto a fine-tune of it (--weights): the base is never changed by training them.
 
 Adapters distilled to a few steps (train_agd.py --distill-steps) sample with their own sampler,
@@ -37,6 +42,7 @@ import adapters
 import checkpoint
 import distill
 import families
+import fast
 import guidance
 import lora
 
@@ -202,7 +208,7 @@ def load_base(args, family):
         return base
     try:
         return family.load(args.weights, args.dtype, args.device, height=args.height, width=args.width,
-                           with_vae=True, vae_weights=args.vae)
+                           with_vae=True, vae_weights=args.vae, t5=not args.no_t5)
     except checkpoint.CheckpointError:
         raise
     except ValueError as e:  # a size the autoencoder cannot make: its message begins with the option's name
@@ -223,6 +229,7 @@ def generate(args, family):
     if student is not None and negative is not None and not student.takes_negative:
         raise InputError(f"{args.adapters}: these adapters learned CFG against the null condition only; for a "
                          f"negative in one pass, train them with one (python train_agd.py --negatives 0.5)")
+    fast.speed_up(base.model, args.compile, args.cuda_graphs, args.channels_last)
     if family.conditioning == "class":
         conditions = torch.tensor(args.classes, device=args.device)
     else:
@@ -278,7 +285,7 @@ def distilled_steps(file):
 
 
 CLASS_OPTIONS = ("classes", "negative_class", "image_size", "sampler", "cfg_channels")  # class models' (dit, tiny)
-PROMPT_OPTIONS = ("prompt", "negative_prompt", "num_images", "height", "width")  # and only prompted ones (sd21, sdxl)
+PROMPT_OPTIONS = ("prompt", "negative_prompt", "num_images", "height", "width")  # and only prompted ones (SD, SD3)
 
 
 def parse_args(argv=None):
@@ -291,7 +298,7 @@ def parse_args(argv=None):
     p.add_argument("--vae", help="autoencoder, hub id or folder (default: the weights' vae/, or "
                    f"{families.ORIGINAL_VAE} for a .pt)")
     p.add_argument("--cfg", type=float, help="CFG scale w; 1 is no guidance (default: dit and tiny 4.0, "
-                   "sd21 and sdxl 7.5)")
+                   "sd21 and sdxl 7.5, sd3 7.0, sd35 4.5)")
     p.add_argument("--adapters", help="AGD adapters file: sample in one pass per step at scale --w, instead of CFG "
                    "(distilled ones: with their DDIM, in the steps they were distilled to)")
     p.add_argument("--w", type=float, help="the guidance scale asked of the adapters (default: as --cfg)")
@@ -301,7 +308,7 @@ def parse_args(argv=None):
                         "(CFG skips its null pass there); linear:START:END, the strength w - 1 scaled from START "
                         "at the first step to END at the last")
     p.add_argument("--steps", type=int, help="sampler steps (default: dit 250 ddpm, 50 ddim; tiny 25; "
-                   "sd21 and sdxl 50; distilled --adapters: the steps they were distilled to)")
+                   "sd21 and sdxl 50; sd3 28; sd35 40; distilled --adapters: the steps they were distilled to)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -320,18 +327,22 @@ def parse_args(argv=None):
     d.add_argument("--sampler", choices=["ddpm", "ddim"],
                    help="ddpm (default): learned variance, IDDPM respacing (the DiT paper); ddim: eta 0, "
                    "leading spacing")
-    s = p.add_argument_group("Stable Diffusion (--model sd21, sdxl); the sampler is the weights' scheduler config's")
+    s = p.add_argument_group("Stable Diffusion (--model sd21, sdxl, sd3, sd35); the sampler is the weights' "
+                             "scheduler config's")
     s.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: the model card's)")
     s.add_argument("--negative-prompt", help="what CFG guides away from (default: the empty prompt; SDXL: "
                    "its null condition, zeros)")
     s.add_argument("--num-images", type=int, help="images per prompt (default 1)")
-    s.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's, "
-                   "768 for SD 2.1, 1024 for SDXL)")
+    s.add_argument("--height", type=int, help="image height in px, a multiple of 8 (SD3: of 16; default: the "
+                   "model's, 768 for SD 2.1, 1024 for SDXL and SD3)")
     s.add_argument("--width", type=int, help="image width in px (default: as --height)")
+    s.add_argument("--no-t5", action="store_true", help="SD3 / SD3.5: leave T5-XXL out, zeros in its place "
+                   "(as StableDiffusion3Pipeline with text_encoder_3=None): 4.8 B parameters less to load")
     g = p.add_argument_group("LoRA (kohya-ss, diffusers or peft files: UNet and text encoders, or a DiT)")
     g.add_argument("--lora", action="append", default=[], type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
                    help="fused into the base after loading, multiplier default 1.0; repeat for several. With "
                         "--adapters, the adapters of the base model act on the LoRA'd one")
+    fast.add_arguments(p)
     args = p.parse_args(argv)
 
     family = families.FAMILIES[args.model]
@@ -340,6 +351,8 @@ def parse_args(argv=None):
     wrong = [name for name in (CLASS_OPTIONS if prompted else PROMPT_OPTIONS) if getattr(args, name) is not None]
     if wrong:
         p.error(f"--{wrong[0].replace('_', '-')} is not an option of --model {args.model}")
+    if args.no_t5 and not family.t5:
+        p.error(f"--no-t5 is for SD3 / SD3.5; --model {args.model} has no T5 encoder")
     if args.adapters is not None and args.cfg is not None:
         p.error("--cfg is the scale of CFG; with --adapters give the scale as --w")
     if args.adapters is None and args.w is not None:

@@ -210,15 +210,18 @@ class TextConfig:
         return cls(**{n: config[n] for n in names}, with_projection=with_projection)
 
 
-# The towers of SD 2.1 and SDXL, as their hub repos' config.json describe them.
+# The towers of SD 2.1, SDXL and SD3 / SD3.5, as their hub repos' config.json describe them.
 PRESETS = {
     # OpenAI's CLIP ViT-L/14: SDXL's text_encoder (and SD 1.x's)
     "ViT-L/14": lambda: TextConfig(),
+    # the same tower with its text projection: SD3's text_encoder, whose projected pooled state (768) is
+    # half of the MMDiT's pooled text
+    "ViT-L/14-proj": lambda: TextConfig(with_projection=True),
     # OpenCLIP's ViT-H/14 as SD 2.1 ships it: 23 of its 24 layers, since SD 2 conditions on the
     # penultimate layer (Stability-AI/stablediffusion, FrozenOpenCLIPEmbedder layer="penultimate")
     "ViT-H/14": lambda: TextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                                    num_attention_heads=16, hidden_act="gelu", projection_dim=512),
-    # OpenCLIP's ViT-bigG/14: SDXL's text_encoder_2, whose projected pooled state is a UNet input
+    # OpenCLIP's ViT-bigG/14: SDXL's and SD3's text_encoder_2, whose projected pooled state is a UNet input
     "ViT-bigG/14": lambda: TextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                       num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
                                       with_projection=True),

@@ -3,12 +3,14 @@
     python train_agd.py                  # the bundled tiny teacher, end to end on a CPU in minutes
     python train_agd.py --model dit      # DiT-XL/2 from the hub (or --weights FOLDER)
     python train_agd.py --model sdxl --prompt-file prompts/agd_prompts.txt   # SD 2.1 / SDXL
+    python train_agd.py --model sd35 --no-t5                     # SD3 / SD3.5, without T5-XXL
     python train_agd.py --model sdxl --online                    # no storage: the teacher runs beside
     python train_agd.py --model sdxl --lora style.safetensors:0.8  # the adapters of a LoRA'd SDXL
     torchrun --nproc_per_node 8 train_agd.py --model sdxl        # data-parallel on 8 GPUs
 
 1. Collect (Algorithm 1 of Jensen & Sadat 2025; trajectories.py): CFG trajectories of the frozen
    base at w ~ U[w_min, w_max], along the inference sampler; --keep-steps of each stored in fp16.
+   Every prompt is encoded first and the text encoders are freed: T5-XXL never sits beside training.
    --online stores nothing: trajectories are generated while training into a bounded buffer.
 2. Train (Algorithm 2; this file): adapters beside the attention blocks learn, by MSE, to give the
    CFG output in one pass. The base is frozen in bf16 (fp16 where bf16 is missing), the adapters'
@@ -27,6 +29,7 @@ gradients are averaged across ranks (data parallel) and rank 0 writes the checkp
 """
 
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -46,6 +49,8 @@ from tqdm import tqdm
 import adapters
 import checkpoint
 import families
+import fast
+import hub
 import lora
 import prompts
 import runs
@@ -288,7 +293,7 @@ def parse_args(argv=None):
     g.add_argument("--collect-batch", type=int, default=None, help="trajectories sampled at once (default: a shard)")
     g.add_argument("--prompt-file", default=str(ROOT / "prompts" / "agd_prompts.txt"),
                    help="SD: one prompt a line; trajectory i asks for prompt i mod their number")
-    g.add_argument("--resolution", type=int, help="SD: image side in pixels (default: the UNet's native one)")
+    g.add_argument("--resolution", type=int, help="SD: image side in pixels (default: the model's native one)")
     g.add_argument("--cfg-channels", type=lambda v: None if v == "all" else int(v), metavar="3|all",
                    help="DiT: the latent channels CFG guides in the trajectories: all (default, as diffusers), or 3, "
                         "as facebookresearch/DiT's forward_with_cfg and the official AGD code collect")
@@ -324,21 +329,20 @@ def parse_args(argv=None):
                         "units of the guidance direction, so small w weigh as much as large (default for tiny)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute the base's blocks in backward: less memory, one more forward "
-                        "(default: on for dit, sd21 and sdxl)")
+                        "(default: on for dit, sd21, sdxl, sd3 and sd35)")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint the training state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     g = p.add_argument_group("LoRA (kohya-ss, diffusers or peft files: UNet and text encoders, or a DiT)")
     g.add_argument("--lora", action="append", default=[], type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
                    help="fused into the base after loading: trajectories are collected from, and the adapters "
                         "trained beside, the LoRA'd base (multiplier default 1.0); repeat for several")
-    g = p.add_argument_group("step distillation (distill.py)")
-    g.add_argument("--distill-steps", type=int, help="after training, halve the adapters' DDIM steps round by "
-                   "round down to N (progressive distillation): <out>/adapters_<S>steps.safetensors for each round")
-    g.add_argument("--adapters", help="an adapters file to distill instead of training AGD adapters first")
-    g.add_argument("--distill-from", type=int, help="the first teacher's steps, N x a power of 2 (default: the most "
-                   "up to the model's DDIM default, tiny 24 for N = 6; a distilled --adapters file: its steps)")
-    g.add_argument("--distill-train-steps", type=int, help="training steps per round")
-    g.add_argument("--distill-lr", type=float, help="peak learning rate of each round")
+    g = p.add_argument_group("SD3 / SD3.5 (--model sd3, sd35)")
+    g.add_argument("--no-t5", action="store_true",
+                   help="leave T5-XXL out: zeros in its tokens' place, as StableDiffusion3Pipeline with "
+                        "text_encoder_3=None (4.8 B parameters less to load; some cost to prompt following)")
+    import distill  # here, not above: distill.py builds on this file
+
+    distill.add_arguments(p)
     g = p.add_argument_group("evaluation (tiny)")
     g.add_argument("--eval-w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
     g.add_argument("--eval-samples", type=int, default=500)
@@ -347,12 +351,22 @@ def parse_args(argv=None):
     g = p.add_argument_group("when things go wrong (README: When things go wrong)")
     g.add_argument("--max-skips", type=int, default=Training.max_skips,
                    help="float16: stop after this many steps in a row that the loss scaler skipped (overflows)")
+    g = p.add_argument_group("sharing")
+    g.add_argument("--push-to-hub", metavar="USER/REPO",
+                   help="when done, upload the adapters with a model card (always written into --out as README.md), "
+                        "the sample grid and the run's figures to this hub repo (`hf auth login` first)")
+    g.add_argument("--hub-private", action="store_true", help="create that repo private")
+    fast.add_arguments(p)
     args = p.parse_args(argv)
     family = families.FAMILIES[args.model]
+    if args.push_to_hub is not None and not hub.HUB_ID.fullmatch(args.push_to_hub):
+        p.error(f"--push-to-hub {args.push_to_hub}: not a hub repo id (user/repo)")
     for k, v in {**families.OFFICIAL_ADAPTERS, **family.train}.items():  # the model's defaults where not given
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.use_negative = args.negatives > 0
+    if args.no_t5 and not family.t5:
+        p.error(f"--no-t5 is for SD3 / SD3.5; --model {args.model} has no T5 encoder")
     if not 0 <= args.negatives <= 1:
         p.error(f"--negatives is a share of the trajectories, in [0, 1]; got {args.negatives}")
     args.out = Path(args.out or f"runs/{args.model}")
@@ -370,39 +384,13 @@ def parse_args(argv=None):
         if args.use_class:
             p.error(f"--use-class is for class-conditioned models; --model {args.model} takes a prompt (--use-prompt)")
         if args.modulation:
-            p.error("--modulation is for DiTs (adaLN); a UNet takes its adapters beside attn2")
+            p.error(f"--modulation is for DiTs (adaLN); --model {args.model} takes its adapters beside attention")
         for flag, file in (("--prompt-file", args.prompt_file),) + \
                 (("--negative-prompt-file", args.negative_prompt_file),) * args.use_negative:
             if not Path(file).is_file() or not prompts.read_prompts(file):
                 p.error(f"{flag} {file}: no such file, or no prompts in it")
-    check_distillation(p, args, family)
+    distill.check_arguments(p, args, family)
     return args
-
-
-def check_distillation(p, args, family):
-    """The step distillation flags: their defaults (distill.DEFAULTS) and what they must agree on."""
-    if args.distill_steps is None:
-        if args.adapters is not None:
-            p.error("--adapters names adapters to distill: give --distill-steps too")
-        return
-    import distill
-
-    for k, v in distill.DEFAULTS[args.model].items():
-        if getattr(args, f"distill_{k}", None) is None:
-            setattr(args, f"distill_{k}", v)
-    try:
-        given = distill.read_steps(args.adapters) if args.adapters else None  # a distilled file goes on from its steps
-    except (checkpoint.CheckpointError, FileNotFoundError) as e:
-        p.error(f"--adapters: {e}")
-    ddim = family.sample["steps"]["ddim"] if family.conditioning == "class" else family.sample["steps"]
-    args.distill_from = args.distill_from or given or distill.start_steps(args.distill_steps, ddim)
-    if given is not None and args.distill_from != given:
-        p.error(f"--adapters {args.adapters} were distilled to {given} steps: they halve from there, not from "
-                f"{args.distill_from}")
-    try:
-        distill.round_steps(args.distill_from, args.distill_steps)
-    except ValueError as e:
-        p.error(f"--distill-from / --distill-steps: {e}")
 
 
 def default_dtype(args):
@@ -439,19 +427,29 @@ def load_base(args):
     """The frozen base model that --model, --weights and --lora name, set up for training adapters beside it."""
     lora.check_files(args.lora)  # before the models load
     base = families.load(args.model, args.weights, dtype=args.dtype, device=args.device,
-                         height=args.resolution, width=args.resolution, cfg_channels=args.cfg_channels)
+                         height=args.resolution, width=args.resolution, cfg_channels=args.cfg_channels,
+                         t5=not args.no_t5)
     lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good: the base is the LoRA'd one
     base.model.gradient_checkpointing = bool(args.gradient_checkpointing)
+    fast.speed_up(base.model, args.compile, args.cuda_graphs, args.channels_last)  # collection and training alike
     return base
+
+
+def free_memory(base):
+    """Hand memory that nothing holds any more back: the text encoders' after Base.precomputed."""
+    gc.collect()
+    if next(base.model.parameters()).is_cuda:
+        torch.cuda.empty_cache()
 
 
 # On --resume these may differ from the options the run was made with (and are said); any other is an error.
 # --distill-steps may go on halving (6, then 3): the rounds done are kept, and --distill-from must not change.
 MAY_CHANGE = {"train_steps", "save_every", "max_skips", "device", "dtype", "gradient_checkpointing", "world",
-              "eval_w", "eval_samples", "eval_batch", "no_eval", "distill_steps"}
+              "eval_w", "eval_samples", "eval_batch", "no_eval", "push_to_hub", "hub_private", "compile",
+              "cuda_graphs", "channels_last", "distill_steps"}
 # What the stored trajectory shards depend on: compared whenever they are reused, --resume or not.
 DATA = {"model", "weights", "seed", "trajectories", "steps", "keep_steps", "w_min", "w_max", "shard_size",
-        "collect_batch", "prompts", "resolution", "cfg_channels", "negatives", "negative_prompts"}
+        "collect_batch", "prompts", "resolution", "cfg_channels", "negatives", "negative_prompts", "no_t5"}
 
 
 def run_options(args, family):
@@ -479,9 +477,8 @@ def check_run(args, family, first_rank=True):
         print(f"note: training starts over; {state} is replaced at the first checkpoint (--resume continues it)")
 
 
-def train_adapters(args, family, base, out, signals=None):
-    """Algorithms 1 and 2 as the CLI asks: collect (or --online), then train; returns the student."""
-    plan = collection_plan(args, family)
+def train_adapters(args, base, plan, out, signals=None):
+    """Algorithms 1 and 2 as the CLI asks: collect along `plan` (or --online), then train; returns the student."""
     if args.online:
         source = trajectories.OnlineBuffer(base, plan, args.buffer_shards, args.refresh_every, args.rank,
                                            args.world)
@@ -506,18 +503,6 @@ def train_adapters(args, family, base, out, signals=None):
     return student
 
 
-def distillation_plan(args, family):
-    """The CLI's step distillation flags as a distill.Distillation."""
-    import distill
-
-    return distill.Distillation(
-        steps=args.distill_steps, start=args.distill_from, train_steps=args.distill_train_steps,
-        batch_size=args.batch_size, lr=args.distill_lr, w_min=args.w_min, w_max=args.w_max,
-        shard_size=args.distill_shard_size, batch=args.collect_batch, buffer_shards=args.distill_buffer_shards,
-        refresh_every=args.distill_refresh_every, save_every=args.save_every, seed=args.seed,
-        prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None)
-
-
 def main(args):
     """Collect, train and evaluate into args.out: locked against a second run, options checked, signals caught."""
     args.out.mkdir(parents=True, exist_ok=True)
@@ -535,15 +520,19 @@ def run(args, signals=None):
     init_distributed(args)
     try:
         base = load_base(args)
-        student = train_adapters(args, family, base, out, signals) if args.adapters is None else None
+        plan = collection_plan(args, family)
+        if family.conditioning == "prompt":  # all prompts encoded now (distillation's too); text encoders let go
+            base = base.precomputed(plan.prompts + (plan.negative_prompts or []))
+            free_memory(base)
+        student = train_adapters(args, base, plan, out, signals) if args.adapters is None else None
         source = Path(args.adapters or out / "adapters.safetensors")
         if args.distill_steps is not None:
             import distill
 
             if student is not None:
                 student.detach()  # its file is the first teacher
-            student, files, diagnosis = distill.distill(base, source, distillation_plan(args, family), out,
-                                                        args.resume, args.rank, args.world, signals)
+            student, files, diagnosis = distill.distill(base, source, distill.plan(args, family), out, args.resume,
+                                                        args.rank, args.world, signals)
     finally:
         if args.world > 1:
             dist.destroy_process_group()
@@ -552,6 +541,8 @@ def run(args, signals=None):
     last = files[-1] if args.distill_steps is not None else source
     if args.model != "tiny" or args.no_eval:
         print(f"adapters -> {last} ({(time.time() - start) / 60:.1f} min)")
+        if args.distill_steps is None:
+            share(out, args.push_to_hub, args.hub_private)
         return
     import tiny  # the tiny world's evaluation
 
@@ -576,6 +567,15 @@ def run(args, signals=None):
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     tiny.print_table(results)
     print(f"-> {out / 'metrics.json'}, {out / 'samples.png'} ({metrics['minutes']:.1f} min)")
+    if args.distill_steps is None:  # the model card describes AGD's adapters (distill.check_arguments)
+        share(out, args.push_to_hub, args.hub_private)
+
+
+def share(out, repo_id=None, private=False):
+    """The run's model card into `out` (README.md, from its files), and, given a repo id, all of it to the hub."""
+    print(f"model card -> {hub.write_card(out, repo_id)}")
+    if repo_id is not None:
+        print(f"uploaded -> {hub.push_to_hub(out, repo_id, private=private)}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""One AGD step against one CFG step on full-size DiT-XL/2, SD 2.1 and SDXL (random weights, CPU).
+"""One AGD step against one CFG step on full-size DiT-XL/2, SD 2.1, SDXL and SD3 / SD3.5 Medium (random weights, CPU).
 
     python bench/bench_agd.py --models dit sd21 sdxl --runs 5
+    python bench/bench_agd.py --models sd3 --runs 3 --resolution sd3=512
 
 A CFG step runs the base on the conditional and the null batch (one call of batch 2B); an AGD
-step runs the student once at batch B, its adapters at the paper's placements and widths (DiT:
-every block's self-attention, 256 wide; SD: every transformer block's attn2, 320 wide). The base
+step runs the student once at batch B, its adapters at the paper's placements and the families'
+widths (DiT: every block's self-attention, 256 wide; SD: every transformer block's attn2, 320 wide;
+SD3: every joint block's attention, image stream, 320 wide). The base
 alone at batch B is timed too, so that the adapters' own cost is the AGD step's excess over it.
 Runs of the three take turns, the order rotating, so that a busy moment on a shared machine
 weighs on all; reported are medians, best runs, AGD / CFG and (AGD - base) / base.
@@ -24,9 +26,11 @@ import adapters  # noqa: E402
 import dit  # noqa: E402
 import families  # noqa: E402
 import guidance  # noqa: E402
+import mmdit  # noqa: E402
 import unet  # noqa: E402
 
-MODELS = ["dit", "sd21", "sdxl"]  # families whose full-size architecture is built here
+MODELS = ["dit", "sd21", "sdxl", "sd3", "sd35"]  # families whose full-size architecture is built here
+MMDIT_PRESETS = {"sd3": "sd3-medium", "sd35": "sd3.5-medium"}
 
 
 def build(name, resolution, batch):
@@ -43,6 +47,15 @@ def build(name, resolution, batch):
         cond = {"y": torch.randint(0, 1000, (batch,))}
         null = {"y": torch.full((batch,), 1000)}
         return model, torch.randn(batch, 4, S, S), cond, null
+    if name in MMDIT_PRESETS:
+        cfg = mmdit.PRESETS[MMDIT_PRESETS[name]]()
+        model = mmdit.MMDiT(cfg).eval()  # PyTorch's default initialization: random, not zero
+        S = (resolution or 8 * cfg.sample_size) // 8
+        # the prompt's tokens: CLIP's 77 and T5's 256, at T5's width; the pooled text of both CLIPs
+        cond = {"context": torch.randn(batch, 77 + 256, cfg.joint_attention_dim),
+                "pooled": torch.randn(batch, cfg.pooled_projection_dim)}
+        null = {k: torch.zeros_like(v) for k, v in cond.items()}
+        return model, torch.randn(batch, cfg.in_channels, S, S), cond, null
     cfg = unet.PRESETS["sd2.1" if name == "sd21" else "sdxl"]()
     model = unet.UNet(cfg).eval()  # PyTorch's default initialization: random, not zero
     S = (resolution or 8 * cfg.sample_size) // 8

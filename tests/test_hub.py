@@ -77,6 +77,26 @@ def test_adapters_by_hub_id_from_the_offline_cache(tmp_path, monkeypatch):
     assert file.read_bytes() == other.read_bytes()
 
 
+def test_sample_py_takes_adapters_by_hub_id(tmp_path, monkeypatch):
+    """`sample.py --adapters user/repo` from the offline cache: the image is the one the local file gives."""
+    import sample
+    import tiny
+
+    put = offline_hub_cache(tmp_path / "home", monkeypatch)
+    model, _ = make_run(tmp_path / "run")
+    tiny.save_teacher(model, tmp_path / "teacher")
+    put("user/repo", hub.ADAPTERS_FILE, tmp_path / "run" / hub.ADAPTERS_FILE)
+    images = {}
+    for source in ("user/repo", str(tmp_path / "run" / hub.ADAPTERS_FILE)):
+        out = tmp_path / f"{len(images)}.png"
+        sample.main(sample.parse_args(["--model", "tiny", "--weights", str(tmp_path / "teacher"), "--classes", "3",
+                                       "--adapters", source, "--w", "3", "--steps", "2", "--sampler", "ddim",
+                                       "--device", "cpu", "--out", str(out)]))
+        images[source] = np.asarray(Image.open(out))
+    a, b = images.values()
+    assert a.std() > 0 and np.array_equal(a, b)
+
+
 def test_child_processes_see_the_offline_cache(tmp_path, monkeypatch):
     """What a CLI test (sample.py --adapters user/repo) relies on: the cache and offline mode reach a child process."""
     put = offline_hub_cache(tmp_path / "home", monkeypatch)
@@ -180,6 +200,23 @@ def test_model_card_of_a_run_without_evaluation(tmp_path):
     assert f"{student.num_parameters()[0]:,} parameters," in card  # Fourier buffers not counted
     assert "## Results" not in card and "## Samples" not in card and "| training steps (Algorithm 2) | 120 |" in card
     assert f'adapters.load(model, "{run / hub.ADAPTERS_FILE}")' in card
+
+
+def test_model_card_of_an_sd_run(tmp_path):
+    """A UNet's adapters: the card says where they sit, shows run.json's settings and loads a UNet."""
+    from test_fast import tiny_unet
+
+    run = tmp_path / "run"
+    run.mkdir()
+    adapters.attach(tiny_unet(), hidden_dim=8, prompt_dim=32).save(run / hub.ADAPTERS_FILE, base="someone/sd-base")
+    (run / "run.json").write_text(json.dumps({"model": "sd21", "trajectories": 500, "w_min": 1.0, "w_max": 12.0,
+                                              "device": "cuda"}))
+    card = hub.model_card(run, "user/agd-sd")
+    assert "pipeline_tag: text-to-image" in card and "beside every `attn2` module" in card
+    assert "| CFG trajectories collected (Algorithm 1) | 500 |" in card and "| w_max | 12 |" in card
+    assert "cuda" not in card  # where it ran is no setting of the adapters
+    assert 'unet.from_pretrained("someone/sd-base")' in card
+    assert "python sample.py --model sd21 --weights someone/sd-base --adapters user/agd-sd" in card
 
 
 def test_model_card_needs_an_adapters_file(tmp_path):

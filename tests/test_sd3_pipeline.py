@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import checkpoint
-import flow_matching_draft as fm
+import guidance
 import mmdit
 import prompts
 import vae
@@ -59,16 +59,16 @@ def test_prompt_encoding_matches_the_pipeline(sd3_root, t5):
 def generate(root, prompt, latents, w, steps, t5=True):
     """Our modules from prompt to image, as StableDiffusion3Pipeline runs: CFG on the velocity, then decode."""
     pe = prompts.SD3PromptEncoder.from_pretrained(root, t5=t5)
-    model, ae = mmdit.from_pretrained(root), vae.from_pretrained(root)
+    model, ae, scheduler = mmdit.from_pretrained(root), vae.from_pretrained(root), guidance.scheduler_from_config(root)
     cond, null = pe(prompt), pe.null(len(prompt))
     both = {k: torch.cat([null[k], cond[k]]) for k in cond}  # one batch: unconditional first, as the pipeline
 
     def denoise(x, t):
-        uncond, conditional = model(torch.cat([x, x]), t, **both).chunk(2)
+        uncond, conditional = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
         return uncond + w * (conditional - uncond)
 
     with torch.no_grad():
-        z = fm.flow_sample(denoise, latents, fm.flow_sigmas(steps, shift=3.0))
+        z = guidance.sample(denoise, latents, scheduler, scheduler.timesteps(steps))
         return ae.decode(z)
 
 

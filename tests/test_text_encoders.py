@@ -254,13 +254,17 @@ def test_text_encoder_half_precision(tmp_path, dtype, tolerance):
 
 
 # The text encoders' config.json in the hub repos (stabilityai/stable-diffusion-xl-base-1.0:
-# text_encoder, text_encoder_2; stabilityai/stable-diffusion-2-1: text_encoder).
+# text_encoder, text_encoder_2; stabilityai/stable-diffusion-2-1: text_encoder;
+# stabilityai/stable-diffusion-3-medium-diffusers: text_encoder, with its projection).
 COMMON = dict(attention_dropout=0.0, bos_token_id=0, dropout=0.0, eos_token_id=2, initializer_factor=1.0,
               initializer_range=0.02, layer_norm_eps=1e-05, max_position_embeddings=77,
               model_type="clip_text_model", pad_token_id=1, torch_dtype="float16", vocab_size=49408)
 OFFICIAL_CONFIGS = {
     "ViT-L/14": dict(COMMON, architectures=["CLIPTextModel"], hidden_act="quick_gelu", hidden_size=768,
                      intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768),
+    "ViT-L/14-proj": dict(COMMON, architectures=["CLIPTextModelWithProjection"], hidden_act="quick_gelu",
+                          hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                          projection_dim=768),
     "ViT-H/14": dict(COMMON, architectures=["CLIPTextModel"], hidden_act="gelu", hidden_size=1024,
                      intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, projection_dim=512),
     "ViT-bigG/14": dict(COMMON, architectures=["CLIPTextModelWithProjection"], hidden_act="gelu", hidden_size=1280,

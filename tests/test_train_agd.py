@@ -22,8 +22,13 @@ def run(tmp_path, *extra):
     return args
 
 
-def test_end_to_end(tmp_path):
-    run(tmp_path)
+def test_end_to_end(tmp_path, monkeypatch):
+    import huggingface_hub
+    from test_hub import FakeApi
+
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    run(tmp_path, "--push-to-hub", "user/agd-tiny")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     rows = {(r["method"], r["w"]) for r in metrics["results"]}
     assert rows == {(m, w) for m in ("base", "cfg", "agd") for w in (2.0, 4.0)}
@@ -41,6 +46,12 @@ def test_end_to_end(tmp_path):
     assert 1.0 <= data["w"].min() and data["w"].max() <= 6.0
     student = adapters.load(tiny.load_teacher(), tmp_path / "adapters.safetensors")
     assert student.num_parameters()[0] == metrics["adapter_parameters"]
+    card = (tmp_path / "README.md").read_text()  # the model card, from this run's files, then uploaded
+    cfg_4 = next(r for r in metrics["results"] if (r["method"], r["w"]) == ("cfg", 4.0))
+    assert f"{cfg_4['fid']:.3f}" in card and 'adapters.load(model, "user/agd-tiny")' in card
+    assert (tmp_path / "loss.png").is_file()
+    upload = next(c[1] for c in FakeApi.calls if c[0] == "upload_folder")
+    assert upload["repo_id"] == "user/agd-tiny" and upload["folder_path"] == tmp_path
 
 
 def test_resume_after_a_kill_gives_the_same_adapters(tmp_path, monkeypatch):
@@ -80,6 +91,9 @@ def test_bad_arguments_exit_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_agd.parse_args(["--w-min", "3", "--w-max", "2"])
     assert "--w-min" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_agd.parse_args(["--push-to-hub", "agd-tiny"])
+    assert "not a hub repo id (user/repo)" in capsys.readouterr().err
 
 
 def test_guidance_loss_measures_errors_in_units_of_the_guidance_direction():

@@ -1,26 +1,34 @@
-"""train_agd.py on tiny random SD 2.1, SDXL and DiT models in the hub layout: collect -> train -> sample.
+"""train_agd.py on tiny random SD 2.1, SDXL, SD3, SD3.5 and DiT models in the hub layout: collect -> train -> sample.
 
 Also: --online, bf16 base with fp32 adapters, torchrun with two gloo ranks, a corrupt checkpoint,
 and the storage an SDXL trajectory takes against the official code's.
 """
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import adapters
 import checkpoint
 import dit
 import families
 import guidance
+import mmdit
 import prompts
+import sample
+import t5 as t5_module
 import train_agd
 import trajectories
 import unet
+from util import max_rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ["--trajectories", "4", "--steps", "3", "--keep-steps", "2", "--shard-size", "2", "--collect-batch", "1",
@@ -85,6 +93,78 @@ def test_sd_collect_train_sample(tmp_path, pipelines, model, dtype):
         x = guidance.sample(lambda x, t: student(x, t, w=5.0, **cond), torch.randn(1, 4, 8, 8), scheduler,
                             scheduler.timesteps(3))
     assert x.shape == (1, 4, 8, 8) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("name, t5", [("sd3", True), ("sd35", False)], ids=["sd3-t5", "sd35-no-t5"])
+def test_sd3_collect_train_sample(tmp_path, pipelines, sd3_root, sd35_root, monkeypatch, capsys, name, t5):
+    """Collection encodes every prompt first and lets the text encoders go: no T5 is alive while it samples
+    or while the adapters train. Then sample.py runs the trained adapters, one pass per step."""
+    root = {"sd3": sd3_root, "sd35": sd35_root}[name]
+    made = []  # weak references to every T5 encoder this run loads
+    real_t5 = t5_module.T5Encoder.from_pretrained
+
+    def recorded(*args, **kwargs):
+        model = real_t5(*args, **kwargs)
+        made.append(weakref.ref(model))
+        return model
+
+    def no_t5_alive(real):
+        def call(*args, **kwargs):
+            assert all(ref() is None for ref in made), "T5 is alive beside collection or training"
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(t5_module.T5Encoder, "from_pretrained", recorded)
+    monkeypatch.setattr(trajectories, "collect_shard", no_t5_alive(trajectories.collect_shard))
+    monkeypatch.setattr(train_agd, "train", no_t5_alive(train_agd.train))
+    args = run(tmp_path, "--model", name, "--weights", str(root), "--prompt-file", str(pipelines["prompts"]),
+               "--dtype", "float32", "--use-prompt", *([] if t5 else ["--no-t5"]))
+    assert len(made) == t5 and args.gradient_checkpointing and args.w_max == (12.0 if name == "sd3" else 8.0)
+    monkeypatch.undo()
+
+    data = trajectories.load_shards(tmp_path / "trajectories")
+    assert data["x"].shape == (4 * 2, 16, 8, 8) and data["target"].shape == (4 * 2, 16, 8, 8)
+    scheduler = guidance.scheduler_from_config(root)
+    timesteps = scheduler.timesteps(3)  # 2 of the 3 kept: the first (t = 1000, pure noise) and the last
+    assert data["t"].dtype == torch.float32 and set(data["t"].tolist()) == {timesteps[0].item(), timesteps[-1].item()}
+    assert 1.0 <= data["w"].min() and data["w"].max() <= args.w_max
+    assert {k for k in data if k.startswith("cond.")} == {"cond.context", "cond.pooled"}
+    assert data["cond.context"].shape == (4, 77 + 256, 96) and data["cond.pooled"].shape == (4, 32 + 48)
+    assert (data["cond.context"][:, 77:].abs().max() > 0) == t5  # T5's tokens, or zeros in their place
+    assert torch.equal(data["cond.context"][0], data["cond.context"][3])  # prompt i mod 3: as encoded once
+    assert not torch.equal(data["cond.context"][0], data["cond.context"][1])
+
+    model = mmdit.from_pretrained(root)
+    student = adapters.load(model, tmp_path / "adapters.safetensors")
+    assert student.targets == [f"transformer_blocks.{i}.attn" for i in range(3)] and student.config.prompt_dim == 96
+    assert any(a.out_proj.weight.abs().sum() > 0 for a in student.adapters)  # trained off its zero init
+
+    prompt = ["--prompt", "a red fox in the snow"] + ([] if t5 else ["--no-t5"])
+    out = {k: tmp_path / f"{k}.png" for k in ("agd", "conditional")}
+    sample.main(sample.parse_args(["--model", name, "--weights", str(root), "--steps", "3", "--device", "cpu", *prompt,
+                                   "--adapters", str(tmp_path / "adapters.safetensors"), "--w", "4",
+                                   "--out", str(out["agd"])]))
+    assert "flow euler, 3 steps, 1 images, adapters at w=4, one pass" in capsys.readouterr().out
+    sample.main(sample.parse_args(["--model", name, "--weights", str(root), "--steps", "3", "--device", "cpu", *prompt,
+                                   "--cfg", "1", "--out", str(out["conditional"])]))
+    agd, conditional = (np.asarray(Image.open(out[k])) for k in ("agd", "conditional"))
+    assert agd.shape == conditional.shape == (16, 16, 3) and not np.array_equal(agd, conditional)
+
+
+def test_precomputed_prompts_are_the_encoders_and_free_them(sd3_root):
+    base = families.load("sd3", sd3_root)
+    encoder = weakref.ref(base.prompt_encoder)
+    prompts_ = ["a red fox", "a lighthouse", "a red fox"]
+    cond, null = base.encode(prompts_), base.null(3, ["", "blurry", ""])
+    pre = base.precomputed(prompts_ + ["blurry"], batch=2)
+    del base
+    gc.collect()
+    assert encoder() is None and pre.prompt_encoder is None  # T5, CLIP-L and CLIP-G are gone
+    for got, expected in ((pre.encode(prompts_), cond), (pre.null(3, ["", "blurry", ""]), null)):
+        assert all(max_rel_err(got[k], expected[k]) < 1e-6 for k in expected)
+    assert torch.equal(pre.null(2)["context"], pre.encode(["", ""])["context"])  # SD3's null: the empty prompt
+    with pytest.raises(ValueError, match="prompt 'a cat' was not among the precomputed ones"):
+        pre.encode(["a fox", "a cat"][1:])
 
 
 def test_real_models_default_to_a_bf16_base_with_fp32_adapters(tmp_path, pipelines):
@@ -169,6 +249,13 @@ def test_sdxl_trajectory_is_over_20x_smaller_than_the_official():
     keep = len(trajectories.keep_indices(50, families.FAMILIES["sdxl"].train["keep_steps"]))
     ours = trajectories.trajectory_bytes(shape, 4, keep, cond)
     assert official / ours >= 20, official / ours
+
+
+@pytest.mark.parametrize("model", ["sdxl", "tiny"])
+def test_no_t5_is_for_sd3(model, capsys):
+    with pytest.raises(SystemExit):
+        train_agd.parse_args(["--model", model, "--no-t5"])
+    assert f"--no-t5 is for SD3 / SD3.5; --model {model} has no T5 encoder" in capsys.readouterr().err
 
 
 def test_missing_prompt_file_is_one_line(tmp_path, capsys):

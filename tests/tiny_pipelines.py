@@ -44,6 +44,15 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version":
                   "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
                   "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
                   "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+# ... and of stable-diffusion-3-medium-diffusers and stable-diffusion-3.5-large (which spells out
+# diffusers' defaults of its day; 3.5-medium's is the same but for its _diffusers_version)
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.29.0.dev0",
+                 "num_train_timesteps": 1000, "shift": 3.0}
+SD35_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.31.0.dev0",
+                  "base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 4096,
+                  "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0, "shift_terminal": None,
+                  "use_beta_sigmas": False, "use_dynamic_shifting": False, "use_exponential_sigmas": False,
+                  "use_karras_sigmas": False}
 
 
 def tiny_text_config(hidden_size, hidden_act, projection_dim, num_hidden_layers=3, eos_token_id=2):
@@ -228,7 +237,7 @@ def make_sd3(tmp_path, sd35=False):
     root = Path(tmp_path) / ("sd35" if sd35 else "sd3")
     pipe.save_pretrained(root)
     _hub_layout(root, {"tokenizer": PAD_EOT, "tokenizer_2": PAD_BANG, "tokenizer_3": t5_folder},
-                ["text_encoder", "text_encoder_2"])
+                ["text_encoder", "text_encoder_2"], SD35_SCHEDULER if sd35 else SD3_SCHEDULER)
     index = json.loads((root / "model_index.json").read_text())  # the hub names T5's tokenizer class so
     (root / "model_index.json").write_text(json.dumps({**index, "tokenizer_3": ["transformers", "T5TokenizerFast"]},
                                                       indent=2))
