@@ -34,7 +34,7 @@ def test_the_dry_run_writes_every_section(tmp_path):
         {(i, v, b) for i in ("ours", "diffusers") for v in ("base", "cfg", "agd") for b in (1, 8, 32)}
     search = results["sections"]["train_memory_sdxl"]["rows"][-1]
     assert (search["largest_batch"], search["first_failing_batch"]) == (gpu.DRY_LARGEST, gpu.DRY_LARGEST + 1)
-    assert "| sdxl | 1024 | 1 | eager | contiguous | ours |" in done.stdout  # the markdown table
+    assert "| sdxl | tiny | 1 | eager | contiguous | ours |" in done.stdout  # the markdown table, tiny in a dry run
 
 
 def test_a_killed_or_failing_section_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
