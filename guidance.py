@@ -19,6 +19,7 @@ diffusers scheduler config describes them (`scheduler_from_config`), for DiT, SD
 
 import json
 import math
+from fractions import Fraction
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,8 +113,9 @@ def spaced_timesteps(num_steps, num_train_timesteps=1000, spacing="leading", ste
         raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {num_steps}")
     if spacing == "leading":
         ts = np.arange(num_steps) * (num_train_timesteps // num_steps) + steps_offset
-    elif spacing == "trailing":
-        ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1
+    elif spacing == "trailing":  # T (n - i) / n rounded as diffusers' np.round(np.arange(...)), but exactly, so
+        # that ties (T = 1000, n = 48: 937.5) do not fall to float error and n steps are every other of 2n's
+        ts = np.array([round(Fraction(num_train_timesteps * (num_steps - i), num_steps)) for i in range(num_steps)]) - 1
     elif spacing == "linspace":
         ts = np.linspace(0, num_train_timesteps - 1, num_steps).round()
     elif spacing == "iddpm":

@@ -25,6 +25,9 @@ timesteps, CFG on the velocity, the latents decoded as z / scaling_factor + shif
 zeros in T5-XXL's place, as the pipeline with text_encoder_3=None. Adapters trained on a base model
 load as well onto a fine-tune of it (--weights): the base is never changed by training them.
 
+Adapters distilled to a few steps (train_agd.py --distill-steps) sample with their own sampler,
+deterministic DDIM at trailing spacing (distill.scheduler), in the steps their file records.
+
 Writes the images as one PNG grid and prints the seconds per sampler step.
 """
 
@@ -38,6 +41,7 @@ import torch
 
 import adapters
 import checkpoint
+import distill
 import families
 import fast
 import guidance
@@ -293,6 +297,8 @@ def generate(args, family):
     image_prompt = find_image_prompt(args) if args.ip_adapter else None
     base = load_base(args, family)
     lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good, before any prompt is encoded
+    if args.distilled and (family.conditioning == "prompt" or args.sampler == "ddim"):
+        base.scheduler = distill.scheduler(base)  # the sampler the adapters were distilled for
     student = load_student(base.model, args.adapters, base.weights) if args.adapters else None
     negative = args.negative_class if family.conditioning == "class" else args.negative_prompt
     if student is not None and negative is not None and not student.takes_negative:
@@ -317,7 +323,8 @@ def generate(args, family):
     if base.vae is not None:
         with torch.no_grad():  # one image at a time: a batch of 1024 px images is large to decode at once
             images = base.vae.decode(z.to(args.device), batch_size=1).float().cpu()  # (B, 3, H, W) about [-1, 1]
-    how = describe(base.scheduler.name, args.steps, len(images), args.cfg, student, args.w, args.w_schedule, negative)
+    sampler = base.scheduler.name + (f" at {base.scheduler.timestep_spacing} spacing" if args.distilled else "")
+    how = describe(sampler, args.steps, len(images), args.cfg, student, args.w, args.w_schedule, negative)
     how += "".join(f", LoRA {file.name}:{multiplier:g}" for file, multiplier in args.lora) + ip_how
     return (images / 2 + 0.5).clamp(0, 1), seconds, how
 
@@ -346,6 +353,15 @@ def save_grid(images, file, columns=COLUMNS):
 # -----------------------------------------------------------------------------
 # CLI
 
+
+def distilled_steps(file):
+    """The steps that distilled adapters were trained for; None for AGD's, or for a file generate() will report."""
+    try:
+        return distill.read_steps(file)
+    except (checkpoint.CheckpointError, OSError):
+        return None
+
+
 CLASS_OPTIONS = ("classes", "negative_class", "image_size", "sampler", "cfg_channels")  # class models' (dit, tiny)
 PROMPT_OPTIONS = ("prompt", "negative_prompt", "num_images", "height", "width")  # and only prompted ones (SD, SD3)
 
@@ -361,7 +377,8 @@ def parse_args(argv=None):
                    f"{families.ORIGINAL_VAE} for a .pt)")
     p.add_argument("--cfg", type=float, help="CFG scale w; 1 is no guidance (default: dit and tiny 4.0, "
                    "sd21 and sdxl 7.5, sd3 7.0, sd35 4.5)")
-    p.add_argument("--adapters", help="AGD adapters file: sample in one pass per step at scale --w, instead of CFG")
+    p.add_argument("--adapters", help="AGD adapters file: sample in one pass per step at scale --w, instead of CFG "
+                   "(distilled ones: with their DDIM, in the steps they were distilled to)")
     p.add_argument("--w", type=float, help="the guidance scale asked of the adapters (default: as --cfg)")
     p.add_argument("--w-schedule", default="constant", metavar="SPEC",
                    help="how --cfg / --w vary over the steps: constant; interval:LOW:HIGH, guidance only where the "
@@ -369,7 +386,7 @@ def parse_args(argv=None):
                         "(CFG skips its null pass there); linear:START:END, the strength w - 1 scaled from START "
                         "at the first step to END at the last")
     p.add_argument("--steps", type=int, help="sampler steps (default: dit 250 ddpm, 50 ddim; tiny 25; "
-                   "sd21 and sdxl 50; sd3 28; sd35 40)")
+                   "sd21 and sdxl 50; sd3 28; sd35 40; distilled --adapters: the steps they were distilled to)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -420,6 +437,7 @@ def parse_args(argv=None):
         p.error("--cfg is the scale of CFG; with --adapters give the scale as --w")
     if args.adapters is None and args.w is not None:
         p.error("--w is the scale asked of --adapters; without them give the CFG scale as --cfg")
+    args.distilled = distilled_steps(args.adapters) if args.adapters else None
     try:
         args.w_schedule = guidance.WSchedule.parse(args.w_schedule)
     except ValueError as e:
@@ -434,11 +452,11 @@ def parse_args(argv=None):
         for flag, side in (("--height", args.height), ("--width", args.width)):
             if side is not None and side < 1:
                 p.error(f"{flag} must be positive, got {side}")
-        default_steps = defaults["steps"]
+        default_steps = args.distilled or defaults["steps"]
     else:
-        args.sampler = args.sampler or "ddpm"
+        args.sampler = args.sampler or ("ddim" if args.distilled else "ddpm")
         args.classes = args.classes or defaults["classes"]
-        default_steps = defaults["steps"][args.sampler]
+        default_steps = args.distilled or defaults["steps"][args.sampler]
     args.steps = default_steps if args.steps is None else args.steps
     if not 1 <= args.steps <= 1000:
         p.error(f"--steps must be in [1, 1000] (the training timesteps), got {args.steps}")

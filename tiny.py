@@ -341,16 +341,17 @@ def save_teacher(model, root=TEACHER):
 
 
 @torch.no_grad()
-def generate(base, denoisers, steps, n, seed, batch_size, classes=None, negative=None):
+def generate(base, denoisers, steps, n, seed, batch_size, classes=None, negative=None, samplers=None):
     """n samples per method, every method from the same noise: sample i asks for class i mod 10, or
     for classes[i]; CFG subtracts the null class, or `negative` (a class).
 
-    `denoisers` maps a name to make(cond, null) -> a denoiser, sampled in `steps` steps. Methods take
-    turns batch by batch, so that a busy moment on the machine skews none of them; seconds per image
-    is the median over batches. Returns ({name: images}, {name: sec/image}).
+    `denoisers` maps a name to make(cond, null) -> a denoiser, sampled in `steps` steps of the base's
+    scheduler, or as `samplers` maps its name to (scheduler, steps). Methods take turns batch by batch,
+    so that a busy moment on the machine skews none of them; seconds per image is the median over
+    batches. Returns ({name: images}, {name: sec/image}).
     """
     device = next(base.model.parameters()).device
-    timesteps = base.scheduler.timesteps(steps)
+    samplers = {k: (samplers or {}).get(k, (base.scheduler, steps)) for k in denoisers}
     classes = torch.arange(n) % NUM_CLASSES if classes is None else torch.as_tensor(classes)
     negatives = None if negative is None else torch.full((n,), negative)
     images, seconds = {k: [] for k in denoisers}, {k: [] for k in denoisers}
@@ -360,8 +361,10 @@ def generate(base, denoisers, steps, n, seed, batch_size, classes=None, negative
         for name, make in denoisers.items():
             g = torch.Generator().manual_seed(seed * 1000 + b)  # the same noise for every method
             x = torch.randn((len(idx), *base.shape), generator=g).to(device)
+            scheduler, k = samplers[name]
             start = time.perf_counter()
-            images[name].append(guidance.sample(make(cond, null), x, base.scheduler, timesteps, generator=g).cpu())
+            images[name].append(guidance.sample(make(cond, null), x, scheduler, scheduler.timesteps(k),
+                                                generator=g).cpu())
             seconds[name].append((time.perf_counter() - start) / len(idx))
     return {k: torch.cat(v) for k, v in images.items()}, {k: float(np.median(v)) for k, v in seconds.items()}
 
@@ -395,15 +398,38 @@ def evaluate(base, student, steps, eval_w=(1.5, 3.0, 5.0), samples=500, batch_si
     return results, grids
 
 
-def save_grid(grids, file):
-    """Rows base / CFG / AGD for each w, same seeds in each column, labelled on the left."""
+def evaluate_steps(base, agd, distilled, ddim, eval_w=(1.5, 3.0, 5.0), samples=500, batch_size=100, seed=1,
+                   reference_steps=25, reference=None):
+    """CFG with the base's own sampler in `reference_steps` steps (the reference), and at each step count S
+    of `distilled` ({S: the adapters distilled to S steps}) CFG, the undistilled adapters `agd` and the
+    distilled ones, each with the sampler `ddim` in S steps; at each w, all from the same noise.
+
+    Returns (rows {method, steps, w, fid, accuracy, sec_per_image}, image rows [(label, 20 images)]).
+    """
+    classifier = load_classifier()
+    reference = reference_statistics(classifier) if reference is None else reference
+    denoisers, samplers = {}, {}
+    for w in eval_w:
+        cfg = lambda cond, null, w=w: guidance.guided(base.model, w, cond, null)  # noqa: E731
+        denoisers[("cfg", reference_steps, w)] = cfg
+        for S, student in sorted(distilled.items(), reverse=True):
+            methods = {"cfg": cfg, "agd": lambda cond, null, w=w: (lambda x, t: agd(x, t, w=w, **cond)),
+                       "agd-distilled": lambda cond, null, w=w, s=student: (lambda x, t: s(x, t, w=w, **cond))}
+            for m, make in methods.items():
+                denoisers[(m, S, w)], samplers[(m, S, w)] = make, (ddim, S)
+    images, seconds = generate(base, denoisers, reference_steps, samples, seed, batch_size, samplers=samplers)
+    labels = torch.arange(samples) % NUM_CLASSES
+    results = [{"method": m, "steps": S, "w": w, **score(classifier, images[(m, S, w)], reference, labels),
+                "sec_per_image": seconds[(m, S, w)]} for m, S, w in denoisers]
+    return results, [(f"{m} {S} w={w:g}", images[(m, S, w)][:20]) for m, S, w in denoisers]
+
+
+def save_rows(rows, file, scale=2):
+    """Rows of images [(label, images (n, 1, H, W))], same seeds in each column, labelled on the left."""
     from PIL import Image, ImageDraw
 
-    scale, margin = 2, 90
-    rows = [(f"{name} w={w:g}" if name != "base" else "base", img)
-            for w, (b, c, a) in grids.items() for name, img in (("base", b), ("CFG", c), ("AGD", a))]
-    n = rows[0][1].shape[0]
-    size = rows[0][1].shape[-1] * scale
+    margin = 12 + 6 * max(len(label) for label, _ in rows)  # PIL's default font: about 6 px a character
+    n, size = rows[0][1].shape[0], rows[0][1].shape[-1] * scale
     canvas = Image.new("L", (margin + n * size, len(rows) * size), 255)
     draw = ImageDraw.Draw(canvas)
     for r, (label, images) in enumerate(rows):
@@ -415,10 +441,81 @@ def save_grid(grids, file):
     canvas.save(file)
 
 
+def save_grid(grids, file):
+    """Rows base / CFG / AGD for each w ({w: [base, cfg, agd]}), same seeds in each column."""
+    save_rows([(f"{name} w={w:g}" if name != "base" else "base", img)
+               for w, (b, c, a) in grids.items() for name, img in (("base", b), ("CFG", c), ("AGD", a))], file)
+
+
+PLOT_METHODS = {"cfg": ((40, 90, 200), "CFG, DDIM"), "agd": ((230, 130, 20), "AGD, DDIM"),
+                "agd-distilled": ((30, 160, 60), "AGD distilled")}  # colour, legend; the reference is drawn black
+
+
+def plot_steps(results, file):
+    """FID and accuracy against sampler steps (log scale), a panel per w: the rows of evaluate_steps as a PNG.
+
+    CFG at the most steps (the base's own sampler) is the reference: a black point and a dashed line across.
+    """
+    from PIL import Image, ImageDraw
+
+    W, H, left, top, bottom, gap = 250, 170, 48, 22, 26, 14
+    ws = sorted({r["w"] for r in results})
+    reference = max(r["steps"] for r in results if r["method"] == "cfg")
+    steps = sorted({r["steps"] for r in results})
+    lo, hi = math.log2(steps[0]) - 0.3, math.log2(steps[-1]) + 0.3
+    legend = 24
+    img = Image.new("RGB", (len(ws) * (left + W + gap), legend + 2 * (top + H + bottom)), "white")
+    draw = ImageDraw.Draw(img)
+    entries = [((0, 0, 0), f"CFG, {reference} steps (reference)")] + list(PLOT_METHODS.values())
+    for i, (colour, label) in enumerate(entries):
+        x = 10 + i * 190
+        draw.line([(x, 12), (x + 20, 12)], fill=colour, width=3)
+        draw.text((x + 26, 6), label, fill="black")
+    for col, w in enumerate(ws):
+        for row, (key, name) in enumerate((("fid", "digit FID"), ("accuracy", "accuracy"))):
+            x0, y0 = col * (left + W + gap) + left, legend + row * (top + H + bottom) + top
+            rows = [r for r in results if r["w"] == w]
+            values = [r[key] for r in rows]
+            vmin, vmax = min(values), max(values)
+            pad = 0.08 * (vmax - vmin or 1)
+            vmin, vmax = vmin - pad, vmax + pad
+
+            def at(s, v):
+                return (x0 + (math.log2(s) - lo) / (hi - lo) * W, y0 + H - (v - vmin) / (vmax - vmin) * H)
+
+            draw.rectangle([x0, y0, x0 + W, y0 + H], outline="black")
+            draw.text((x0 + 4, y0 - 14), f"{name}, w = {w:g}", fill="black")
+            for s in steps:  # x ticks
+                x, _ = at(s, vmin)
+                draw.line([(x, y0 + H), (x, y0 + H + 4)], fill="black")
+                draw.text((x - 6, y0 + H + 6), str(s), fill="black")
+            for k in range(5):  # y ticks
+                v = vmin + (vmax - vmin) * k / 4
+                _, y = at(steps[0], v)
+                draw.line([(x0 - 4, y), (x0, y)], fill="black")
+                draw.text((x0 - 44, y - 6), f"{v:.3f}" if key == "accuracy" else f"{v:.1f}", fill="black")
+            ref = next(r[key] for r in rows if r["method"] == "cfg" and r["steps"] == reference)
+            _, y = at(steps[0], ref)
+            for x in range(int(x0), int(x0 + W), 8):  # dashed: the reference at every step count
+                draw.line([(x, y), (min(x + 4, x0 + W), y)], fill="black")
+            draw.ellipse([at(reference, ref)[0] - 3, y - 3, at(reference, ref)[0] + 3, y + 3], fill="black")
+            for method, (colour, _) in PLOT_METHODS.items():
+                points = sorted((r["steps"], r[key]) for r in rows
+                                if r["method"] == method and r["steps"] != reference)
+                xy = [at(s, v) for s, v in points]
+                if len(xy) > 1:
+                    draw.line(xy, fill=colour, width=2)
+                for x, y in xy:
+                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    img.save(file)
+
+
 def print_table(results):
-    print(f"{'method':<6} {'w':>5} {'FID':>8} {'accuracy':>9} {'ms/image':>9}")
+    steps = "steps" in results[0]
+    print(f"{'method':<14} " + ("steps " if steps else "") + f"{'w':>5} {'FID':>8} {'accuracy':>9} {'ms/image':>9}")
     for r in results:
-        print(f"{r['method']:<6} {r['w']:>5.1f} {r['fid']:>8.3f} {r['accuracy']:>9.3f} {1000 * r['sec_per_image']:>9.2f}")
+        print(f"{r['method']:<14} " + (f"{r['steps']:>5} " if steps else "") +
+              f"{r['w']:>5.1f} {r['fid']:>8.3f} {r['accuracy']:>9.3f} {1000 * r['sec_per_image']:>9.2f}")
 
 
 # -----------------------------------------------------------------------------

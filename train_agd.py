@@ -17,9 +17,12 @@
    weights stay fp32 under autocast; Adam, linear warm-up over 10 % of the steps, then cosine decay.
    The state is checkpointed atomically every --save-every steps; --resume continues from it,
    exactly: a step's batch depends only on (seed, rank, step).
-3. Evaluate (tiny world; tiny.py): the teacher without guidance, with CFG and with adapters, from
+3. Distill steps (--distill-steps N; distill.py): rounds of progressive distillation halve the
+   adapters' deterministic DDIM steps down to N, the base still frozen; --adapters FILE distills
+   given adapters instead of training them.
+4. Evaluate (tiny world; tiny.py): the teacher without guidance, with CFG and with adapters, from
    the same noise, at several w: digit FID, class accuracy and seconds per image -> metrics.json,
-   samples.png and a table.
+   samples.png and a table; with --distill-steps, CFG, AGD and the distilled adapters against steps.
 
 Under torchrun every rank collects its share of the shards, then trains on its part of each batch;
 gradients are averaged across ranks (data parallel) and rank 0 writes the checkpoints.
@@ -337,6 +340,9 @@ def parse_args(argv=None):
     g.add_argument("--no-t5", action="store_true",
                    help="leave T5-XXL out: zeros in its tokens' place, as StableDiffusion3Pipeline with "
                         "text_encoder_3=None (4.8 B parameters less to load; some cost to prompt following)")
+    import distill  # here, not above: distill.py builds on this file
+
+    distill.add_arguments(p)
     g = p.add_argument_group("evaluation (tiny)")
     g.add_argument("--eval-w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
     g.add_argument("--eval-samples", type=int, default=500)
@@ -383,6 +389,7 @@ def parse_args(argv=None):
                 (("--negative-prompt-file", args.negative_prompt_file),) * args.use_negative:
             if not Path(file).is_file() or not prompts.read_prompts(file):
                 p.error(f"{flag} {file}: no such file, or no prompts in it")
+    distill.check_arguments(p, args, family)
     return args
 
 
@@ -436,9 +443,10 @@ def free_memory(base):
 
 
 # On --resume these may differ from the options the run was made with (and are said); any other is an error.
+# --distill-steps may go on halving (6, then 3): the rounds done are kept, and --distill-from must not change.
 MAY_CHANGE = {"train_steps", "save_every", "max_skips", "device", "dtype", "gradient_checkpointing", "world",
               "eval_w", "eval_samples", "eval_batch", "no_eval", "push_to_hub", "hub_private", "compile",
-              "cuda_graphs", "channels_last"}
+              "cuda_graphs", "channels_last", "distill_steps"}
 # What the stored trajectory shards depend on: compared whenever they are reused, --resume or not.
 DATA = {"model", "weights", "seed", "trajectories", "steps", "keep_steps", "w_min", "w_max", "shard_size",
         "collect_batch", "prompts", "resolution", "cfg_channels", "negatives", "negative_prompts", "no_t5"}
@@ -469,6 +477,32 @@ def check_run(args, family, first_rank=True):
         print(f"note: training starts over; {state} is replaced at the first checkpoint (--resume continues it)")
 
 
+def train_adapters(args, base, plan, out, signals=None):
+    """Algorithms 1 and 2 as the CLI asks: collect along `plan` (or --online), then train; returns the student."""
+    if args.online:
+        source = trajectories.OnlineBuffer(base, plan, args.buffer_shards, args.refresh_every, args.rank,
+                                           args.world)
+    else:
+        trajectories.collect(base, plan, out / "trajectories", args.rank, args.world)
+        data = trajectories.load_shards(out / "trajectories")
+        source = lambda step: data  # noqa: E731
+    torch.manual_seed(args.seed)  # the adapters' initialization (and their random Fourier features)
+    options = base.adapter_options(**{k: getattr(args, k) for k in ADAPTER_OPTIONS})
+    student = adapters.attach(base.model, **options)  # fp32 adapters beside the frozen base
+    n_adapter, n_base = student.num_parameters()
+    if args.rank == 0:
+        dtype = str(next(base.model.parameters()).dtype).removeprefix("torch.")
+        print(f"adapters: {n_adapter:,} parameters ({100 * n_adapter / n_base:.1f} % of the base's {n_base:,}); "
+              + ("online teacher" if args.online else f"{len(data['x']):,} training pairs")
+              + f"; base in {dtype}, batch {args.batch_size} over {args.world} rank(s)")
+    hp = Training(args.train_steps, args.batch_size, args.lr, args.loss, args.save_every, args.seed, args.max_skips)
+    with signals.deferred() if signals is not None else nullcontext():  # a signal ends the step, checkpoints
+        train(student, source, hp, out, args.resume, args.rank, args.world, signals=signals)
+    if args.rank == 0:
+        student.save(out / "adapters.safetensors", base=base.weights, lora=lora.record(args.lora))
+    return student
+
+
 def main(args):
     """Collect, train and evaluate into args.out: locked against a second run, options checked, signals caught."""
     args.out.mkdir(parents=True, exist_ok=True)
@@ -487,52 +521,54 @@ def run(args, signals=None):
     try:
         base = load_base(args)
         plan = collection_plan(args, family)
-        if family.conditioning == "prompt":  # all prompts encoded now; the text encoders are let go
+        if family.conditioning == "prompt":  # all prompts encoded now (distillation's too); text encoders let go
             base = base.precomputed(plan.prompts + (plan.negative_prompts or []))
             free_memory(base)
-        if args.online:
-            source = trajectories.OnlineBuffer(base, plan, args.buffer_shards, args.refresh_every, args.rank,
-                                               args.world)
-        else:
-            trajectories.collect(base, plan, out / "trajectories", args.rank, args.world)
-            data = trajectories.load_shards(out / "trajectories")
-            source = lambda step: data  # noqa: E731
-        torch.manual_seed(args.seed)  # the adapters' initialization (and their random Fourier features)
-        options = base.adapter_options(**{k: getattr(args, k) for k in ADAPTER_OPTIONS})
-        student = adapters.attach(base.model, **options)  # fp32 adapters beside the frozen base
-        n_adapter, n_base = student.num_parameters()
-        if args.rank == 0:
-            dtype = str(next(base.model.parameters()).dtype).removeprefix("torch.")
-            print(f"adapters: {n_adapter:,} parameters ({100 * n_adapter / n_base:.1f} % of the base's {n_base:,}); "
-                  + ("online teacher" if args.online else f"{len(data['x']):,} training pairs")
-                  + f"; base in {dtype}, batch {args.batch_size} over {args.world} rank(s)")
-        hp = Training(args.train_steps, args.batch_size, args.lr, args.loss, args.save_every, args.seed, args.max_skips)
-        with signals.deferred() if signals is not None else nullcontext():  # a signal ends the step, checkpoints
-            train(student, source, hp, out, args.resume, args.rank, args.world, signals=signals)
-        if args.rank == 0:
-            student.save(out / "adapters.safetensors", base=base.weights, lora=lora.record(args.lora))
+        student = train_adapters(args, base, plan, out, signals) if args.adapters is None else None
+        source = Path(args.adapters or out / "adapters.safetensors")
+        if args.distill_steps is not None:
+            import distill
+
+            if student is not None:
+                student.detach()  # its file is the first teacher
+            student, files, diagnosis = distill.distill(base, source, distill.plan(args, family), out, args.resume,
+                                                        args.rank, args.world, signals)
     finally:
         if args.world > 1:
             dist.destroy_process_group()
     if args.rank != 0:
         return
+    last = files[-1] if args.distill_steps is not None else source
     if args.model != "tiny" or args.no_eval:
-        print(f"adapters -> {out / 'adapters.safetensors'} ({(time.time() - start) / 60:.1f} min)")
-        share(out, args.push_to_hub, args.hub_private)
+        print(f"adapters -> {last} ({(time.time() - start) / 60:.1f} min)")
+        if args.distill_steps is None:
+            share(out, args.push_to_hub, args.hub_private)
         return
     import tiny  # the tiny world's evaluation
 
-    student.eval()
-    results, grids = tiny.evaluate(base, student, args.steps, args.eval_w, args.eval_samples, args.eval_batch,
-                                   args.seed + 1)
-    metrics = {"results": results, "model": args.model, "weights": base.weights, "trajectories": args.trajectories,
-               "steps": args.steps, "train_steps": args.train_steps, "eval_samples": args.eval_samples,
-               "adapter_parameters": n_adapter, "base_parameters": n_base, "minutes": (time.time() - start) / 60}
+    n_adapter, n_base = student.num_parameters()
+    metrics = {"model": args.model, "weights": base.weights, "trajectories": args.trajectories, "steps": args.steps,
+               "train_steps": args.train_steps, "eval_samples": args.eval_samples, "adapter_parameters": n_adapter,
+               "base_parameters": n_base}
+    if args.distill_steps is None:
+        student.eval()
+        results, grids = tiny.evaluate(base, student, args.steps, args.eval_w, args.eval_samples, args.eval_batch,
+                                       args.seed + 1)
+        tiny.save_grid(grids, out / "samples.png")
+    else:
+        distilled = {distill.read_steps(f): adapters.load(base.model, f) for f in files}
+        agd = adapters.load(base.model, source)
+        results, rows = tiny.evaluate_steps(base, agd, distilled, distill.scheduler(base), args.eval_w,
+                                            args.eval_samples, args.eval_batch, args.seed + 1, args.steps)
+        tiny.save_rows(rows, out / "samples.png")
+        tiny.plot_steps(results, out / "steps.png")
+        metrics.update(distill_train_steps=args.distill_train_steps, distillation=diagnosis)
+    metrics = {"results": results, **metrics, "minutes": (time.time() - start) / 60}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    tiny.save_grid(grids, out / "samples.png")
     tiny.print_table(results)
     print(f"-> {out / 'metrics.json'}, {out / 'samples.png'} ({metrics['minutes']:.1f} min)")
-    share(out, args.push_to_hub, args.hub_private)
+    if args.distill_steps is None:  # the model card describes AGD's adapters (distill.check_arguments)
+        share(out, args.push_to_hub, args.hub_private)
 
 
 def share(out, repo_id=None, private=False):
