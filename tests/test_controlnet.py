@@ -65,8 +65,8 @@ def inputs(name, batch=2, side=8):
     control = torch.rand(batch, 3, 2 * side, 2 * side + 4, generator=g)
     cond = dict(context=torch.randn(batch, 7, c["cross_attention_dim"], generator=g))
     if c.get("addition_embed_type") == "text_time":
-        cond.update(text_embeds=torch.randn(batch, 16, generator=g),
-                    time_ids=torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 512, 32, 16, 1024, 1024]] * 2)[:batch])
+        sizes = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 512, 32, 16, 1024, 1024]] * 2)[:batch]
+        cond.update(text_embeds=torch.randn(batch, 16, generator=g), time_ids=sizes)
     return x, t, control, cond
 
 
@@ -106,10 +106,12 @@ def test_residuals_match_diffusers(tmp_path, name, scale, guess_mode):
     with torch.no_grad():
         rows = ours(*args[:3], **args[3], scale=torch.tensor([scale, 0.0]), guess_mode=guess_mode)
     assert max_rel_err(rows["mid_residual"][0], mid[0]) <= 1e-5 and rows["mid_residual"][1].abs().max() == 0
+    with pytest.raises(ValueError, match="a control image of 20 x 16 px makes a 10 x 8 grid, the latents are 12 x 8"):
+        ours(torch.randn(2, 4, 8, 12), *args[1:3], **args[3])
 
 
-@pytest.mark.parametrize("changes", [dict(global_pool_conditions=True), dict(controlnet_conditioning_channel_order="bgr")],
-                         ids=["global-pool", "bgr"])
+@pytest.mark.parametrize("changes", [dict(global_pool_conditions=True),
+                                     dict(controlnet_conditioning_channel_order="bgr")], ids=["global-pool", "bgr"])
 def test_pooled_and_bgr_controlnets_match_diffusers(tmp_path, changes):
     ref = reference("sd2.1-like", **changes)
     ours = controlnet.from_pretrained(saved(ref, tmp_path / "cn"))
@@ -279,7 +281,7 @@ SDXL_CANNY = """{
 
 
 def from_unet_config(preset):
-    """The config.json diffusers' ControlNetModel.from_unet writes for a base UNet preset (how hub ControlNets are made)."""
+    """The config diffusers' ControlNetModel.from_unet writes for a base UNet preset (how hub ControlNets are made)."""
     options = {k: v for k, v in dataclasses.asdict(unet.PRESETS[preset]()).items() if k != "prediction_type"}
     with torch.device("meta"):
         net = ControlNetModel.from_unet(UNet2DConditionModel(**options), load_weights_from_unet=False)
@@ -395,7 +397,8 @@ def test_original_layout_file_loads_and_matches_diffusers(tmp_path, name, suffix
     x, control = torch.randn(2, 4, 8, 6, generator=g), torch.rand(2, 3, 64, 48, generator=g)
     cond = dict(context=torch.randn(2, 5, 32, generator=g))
     if name == "sdxl-like":
-        cond.update(text_embeds=torch.randn(2, 16, generator=g), time_ids=torch.tensor([[512.0, 384, 0, 0, 512, 384]] * 2))
+        cond.update(text_embeds=torch.randn(2, 16, generator=g),
+                    time_ids=torch.tensor([[512.0, 384, 0, 0, 512, 384]] * 2))
     down, mid = run_reference(ref, x, torch.tensor([900.0, 20.0]), control, cond, scale=0.8)
     with torch.no_grad():
         out = ours(x, torch.tensor([900.0, 20.0]), control, **cond, scale=0.8)

@@ -90,7 +90,8 @@ def diffusers_latents(root, folders, images, latents, w, scales, xl, **kw):
 @torch.no_grad()
 def our_latents(root, folders, images, latents, w, scales, guess_mode=False, start=0.0, end=1.0, student=None):
     """The composition sample.py makes: prompts and control images to latents."""
-    pe, model = loaded((root, "ours"), lambda: (prompts.PromptEncoder.from_pretrained(root), unet.from_pretrained(root)))
+    pe, model = loaded((root, "ours"),
+                       lambda: (prompts.PromptEncoder.from_pretrained(root), unet.from_pretrained(root)))
     model = unet.from_pretrained(root) if student else model  # a student hooks its UNet: not the shared one
     nets = [loaded((f, "ours"), lambda f=f: controlnet.from_pretrained(f)) for f in folders]
     for net in nets:
@@ -126,9 +127,12 @@ CASES = [  # base, ControlNets used, scales, guidance, pipeline options
 ]
 
 
-@pytest.mark.parametrize("name, which, scales, w, options", CASES,
-                         ids=[f"{c[0]}-{len(c[1])}cn-{'-'.join(map(str, c[2]))}-w{c[3]}{'-' + '-'.join(c[4]) if c[4] else ''}"
-                              for c in CASES])
+def case_id(case):
+    name, which, scales, w, options = case
+    return "-".join([name, f"{len(which)}cn", *map(str, scales), f"w{w}", *options])
+
+
+@pytest.mark.parametrize("name, which, scales, w, options", CASES, ids=[case_id(c) for c in CASES])
 def test_latents_match_the_controlnet_pipelines(roots, controlnets, name, which, scales, w, options):
     root, xl = roots[name], name == "sdxl"
     folders = [controlnets[name][k] for k in which]
