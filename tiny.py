@@ -337,7 +337,8 @@ def main(args):
         model = tiny_controlnet.train_controlnet(load_teacher(), images, labels, steps=args.steps,
                                                  batch_size=args.batch_size, seed=args.seed)
         controlnet.save_pretrained(model, args.out)
-        note = f"a ControlNet of {TEACHER.relative_to(ASSETS.parent)}, {args.steps} steps of batch {args.batch_size}"
+        note = (f"a ControlNet of {TEACHER.relative_to(ASSETS.parent)} (its recipe and control images: "
+                f"tiny_controlnet.py), {args.steps} steps of batch {args.batch_size}")
     else:  # no checkpoints on the way: a folder with weights in it is a finished fine-tune
         model = finetune_teacher(load_teacher(), STYLES[args.style](images), labels, steps=args.steps,
                                  batch_size=args.batch_size, seed=args.seed)
