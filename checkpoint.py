@@ -10,7 +10,11 @@ Every failure is a `CheckpointError` whose one-line message names the file or ke
 what was expected, so that the CLIs can print it without a traceback.
 """
 
+import argparse
 import json
+import os
+import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -146,12 +150,13 @@ def _header(file):
     return header, metadata, 8 + n
 
 
-def read_tensors(files_or_folder, dtype=None, device=None, variant=None):
+def read_tensors(files_or_folder, dtype=None, device=None, variant=None, keep_fp32=None):
     """All tensors of one or more safetensors files; floating ones cast to `dtype` one at a time.
 
     Each tensor is read into its own buffer with a plain `readinto` and cast at once, so an fp32
     file loads as bf16 holding little more than the bf16 weights: no fp32 copy, and no
     memory-mapped file whose touched pages would all count as resident until it is closed.
+    `keep_fp32(key) -> bool` names floating tensors read as fp32 instead (T5's `wo` in fp16).
     """
     if isinstance(files_or_folder, (str, Path)) and Path(files_or_folder).is_dir():
         files = weight_files(files_or_folder, variant)
@@ -172,9 +177,30 @@ def read_tensors(files_or_folder, dtype=None, device=None, variant=None):
                 f.readinto(buffer.numpy())
                 t = buffer.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
                 if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
+                    t = t.to(torch.float32 if keep_fp32 is not None and keep_fp32(key) else dtype)
                 tensors[key] = t.to(device) if device is not None else t
     return tensors
+
+
+# What a pickled checkpoint may hold besides tensors and containers: facebookresearch/DiT's train.py
+# saves its argparse.Namespace beside the weights. Nothing else is unpickled: weights_only=True.
+PICKLE_SAFE = [argparse.Namespace]
+
+
+def read_torch_file(file):
+    """The object saved in a PyTorch .pt / .bin file, read with torch.load(weights_only=True): no code runs."""
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        with torch.serialization.safe_globals(PICKLE_SAFE):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # corrupt, or pickled objects whose loading could run code
+        raise CheckpointError(f"{file}: not a PyTorch checkpoint of plain tensors "
+                              "(torch.load with weights_only=True refused it)") from None
+    except Exception as e:  # truncated, not a zip archive, unreadable: one line for the user
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def read_metadata(file):
@@ -198,22 +224,66 @@ def check_keys(expected, tensors, source):
                                   f"expected {tuple(shape)}")
 
 
-def load_into(model, tensors, source):
-    """Load `tensors` into `model` strictly (every key, every shape), replacing meta tensors."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_keys(expected, tensors, source)
+def load_into(model, tensors, source, checked=False):
+    """Load `tensors` into `model` strictly (every key, every shape), replacing meta tensors.
+
+    checked=True: the caller has already checked the file's keys in its own layout (and mapped them).
+    """
+    if not checked:
+        check_keys({k: v.shape for k, v in model.state_dict().items()}, tensors, source)
     model.load_state_dict(tensors, strict=True, assign=True)
     for name, p in model.named_parameters():  # assign=True keeps the loaded tensors' requires_grad
         p.requires_grad_(True)
     return model
 
 
-def save_file(tensors, file, metadata=None):
-    """Write safetensors atomically: a crash mid-write leaves the previous file intact."""
-    from safetensors.torch import save_file as _save
+def non_finite(tensors):
+    """The name of the first floating tensor holding a NaN or an infinity, or None."""
+    return next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
+
+class WriteError(CheckpointError):
+    """A file that could not be written (a full disk, say); the file as it was before is kept."""
+
+
+@contextmanager
+def atomic_write(file):
+    """Open a temp file beside `file` for writing; once written and fsynced, it replaces `file`.
+
+    A crash, a signal or a full disk mid-write leaves `file` as it was and the temp file removed; a
+    failed write is a WriteError naming the file. The fsync is where a full disk shows on file systems
+    that report it late (NFS), and makes the rename durable.
+    """
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")
-    _save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(file)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException as e:  # a signal too: no half-written temp file stays behind
+        tmp.unlink(missing_ok=True)
+        failed = os_error(e)
+        if failed is None:
+            raise
+        raise WriteError(f"{file}: could not be written ({failed.strerror or failed}); the file as it was before, "
+                         "if any, is kept") from None
+
+
+def os_error(e):
+    """The OSError that failed a write, if one did: torch.save reports a full disk as a RuntimeError of its
+    zip writer ("unexpected pos"), raised while it handles the OSError (ENOSPC) of the write itself."""
+    if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+        return e.__context__
+    return e if isinstance(e, OSError) else None
+
+
+def save_file(tensors, file, metadata=None):
+    """Write safetensors atomically (atomic_write): a crash or a full disk leaves the previous file intact."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_write(file) as f:  # written by Python, so that a full disk is an OSError (ENOSPC)
+        f.write(data)

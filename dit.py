@@ -14,10 +14,8 @@ Letters in shape comments: B batch, C channels, H W height width, T tokens, D hi
 nh heads, hs head size, p patch size.
 """
 
-import argparse
 import json
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,28 +323,22 @@ _EMBEDDER_KEYS = {"t_embedder.mlp.0": "norm1.emb.timestep_embedder.linear_1",
 
 
 def from_diffusers(sd, depth, source="state dict"):
-    """Map a diffusers DiT state dict onto ours.
+    """Map a diffusers DiT state dict, its keys already checked, onto ours.
 
     diffusers stores the timestep and class embedders again in every block, where the paper has one
     of each (its 675M parameters); we load them once, after checking that the copies are equal.
     """
     sd, out = dict(sd), {}
-
-    def take(key):
-        if key not in sd:
-            raise checkpoint.CheckpointError(f"{source}: missing key {key}")
-        return sd.pop(key)
-
     for ours, theirs in _TOP_KEYS.items():
         for p in ("weight", "bias"):
-            out[f"{ours}.{p}"] = take(f"{theirs}.{p}")
+            out[f"{ours}.{p}"] = sd.pop(f"{theirs}.{p}")
     for ours, theirs in _EMBEDDER_KEYS.items():
         for p in ("weight", "bias") if "embedding_table" not in ours else ("weight",):
-            first = out[f"{ours}.{p}"] = take(f"transformer_blocks.0.{theirs}.{p}")
+            first = out[f"{ours}.{p}"] = sd.pop(f"transformer_blocks.0.{theirs}.{p}")
             for i in range(1, depth):
-                copy = take(f"transformer_blocks.{i}.{theirs}.{p}")
+                copy = sd.pop(f"transformer_blocks.{i}.{theirs}.{p}")
                 # (meta tensors, as in the full-size key checks, have no values to compare)
-                if copy.shape != first.shape or (not copy.is_meta and not torch.equal(copy, first)):
+                if not copy.is_meta and not torch.equal(copy, first):
                     raise checkpoint.CheckpointError(
                         f"{source}: transformer_blocks.{i}.{theirs}.{p} differs from block 0's copy "
                         "(DiT shares one embedder across blocks)")
@@ -354,13 +346,10 @@ def from_diffusers(sd, depth, source="state dict"):
         b = f"transformer_blocks.{i}."
         for ours, theirs in _BLOCK_KEYS.items():
             for p in ("weight", "bias"):
-                out[f"blocks.{i}.{ours}.{p}"] = take(f"{b}{theirs}.{p}")
+                out[f"blocks.{i}.{ours}.{p}"] = sd.pop(f"{b}{theirs}.{p}")
         for p in ("weight", "bias"):
-            q, k, v = (take(f"{b}attn1.to_{n}.{p}") for n in "qkv")
+            q, k, v = (sd.pop(f"{b}attn1.to_{n}.{p}") for n in "qkv")
             out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([q, k, v])
-    if sd:
-        raise checkpoint.CheckpointError(f"{source}: unexpected key {next(iter(sd))} (not in a DiT of depth "
-                                         f"{depth})" + (f" and {len(sd) - 1} more" if len(sd) > 1 else ""))
     return out
 
 
@@ -408,15 +397,7 @@ def find_original(path_or_repo_id, subfolder="transformer"):
 
 def read_original(file):
     """The model's tensors in a .pt file: a state dict, or the EMA weights of train.py's checkpoints."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # train.py saves its args beside the weights
-            sd = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # corrupt, or pickled objects whose loading could run code
-        raise checkpoint.CheckpointError(f"{file}: not a PyTorch checkpoint of plain tensors "
-                                         "(torch.load with weights_only=True refused it)") from None
-    except Exception as e:  # truncated, not a zip archive, unreadable: one line for the user
-        raise checkpoint.CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    sd = checkpoint.read_torch_file(file)
     if isinstance(sd, dict) and "ema" in sd:
         sd = sd["ema"]  # train.py's {"model", "ema", "opt", "args"}: the EMA weights, as DiT's sample.py takes
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -484,11 +465,12 @@ def from_pretrained(path_or_repo_id, subfolder="transformer", dtype=None, device
         tensors, source = checkpoint.read_tensors(files, dtype=dtype), files[0]
     with torch.device("meta"):
         model = DiT(cfg)
-    if original is None:  # check the file's own keys first, so that errors name them
+    if original is None:  # the file's own keys, checked once in its layout, so that errors name them
         expected = {k: v.shape for k, v in to_diffusers(model.state_dict(), cfg.depth).items()}
         checkpoint.check_keys(expected, tensors, source)
-        tensors = from_diffusers(tensors, cfg.depth, source)
-    checkpoint.load_into(model, tensors, source=source)
+        checkpoint.load_into(model, from_diffusers(tensors, cfg.depth, source), source=source, checked=True)
+    else:  # the paper's keys are ours
+        checkpoint.load_into(model, tensors, source=source)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -1,23 +1,25 @@
 """Noise schedules, samplers and classifier-free guidance, over the one denoiser interface.
 
 A denoiser here is any function `denoise(x, t) -> out`, where `out` is the model's own prediction
-(epsilon or v, with the learned variance in extra channels where the model has them). Models,
-CFG and adapter students all become one with a closure:
+(epsilon, v or a flow velocity, with the learned variance in extra channels where the model has
+them). Models, CFG and adapter students all become one with a closure:
 
     denoise = lambda x, t: model(x, t, **cond)             # the conditional model, one pass
     denoise = guided(model, w, cond, null)                  # CFG, two passes (batched as one)
     denoise = lambda x, t: student(x, t, w=w, **cond)       # AGD, one pass
 
-Samplers are plain functions sharing one signature, `sampler(denoise, x, alphas_cumprod, timesteps,
-...)`, and can record the trajectory (x_t, t, denoiser output) at every step, which is what AGD
-trains on (Algorithm 1 of Jensen & Sadat 2025). Schedules are `alphas_cumprod` vectors (float64),
-indexed by the integer training timestep. `scheduler_from_config` reads a diffusers scheduler
-config (an SD repo's scheduler/scheduler_config.json) into a schedule, its timesteps and its step.
+A schedule gives (alpha_t, sigma_t) of x_t = alpha_t x_0 + sigma_t eps at a model timestep t:
+VP schedules (DiT, SD) from the `alphas_cumprod` of their betas, alpha^2 + sigma^2 = 1; flow
+matching (SD3) has alpha = 1 - sigma. Steps are plain functions of the model's output between two
+such pairs, `step(out, x, now, nxt, noise=None, **options)`, and `sample` runs one over a list of
+timesteps, reporting each step to a callback (what AGD's trajectory collection keeps, Algorithm 1
+of Jensen & Sadat 2025). A `Scheduler` puts a schedule, a step and its options together as a
+diffusers scheduler config describes them (`scheduler_from_config`), for DiT as for SD.
 """
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +44,48 @@ def scaled_linear_schedule(num_train_timesteps=1000, beta_start=0.00085, beta_en
     return torch.cumprod(1 - betas, dim=0)
 
 
+class VPSchedule:
+    """A variance-preserving schedule: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) (Ho et al. 2020).
+
+    abar is defined at the integer training timesteps 0 ... T - 1; a fractional t interpolates log abar.
+    """
+
+    def __init__(self, alphas_cumprod):
+        self.alphas_cumprod = alphas_cumprod.double()  # (T,)
+
+    @property
+    def num_train_timesteps(self):
+        return len(self.alphas_cumprod)
+
+    def abar(self, t):
+        if float(t) == int(t):
+            return self.alphas_cumprod[int(t)].item()
+        lo, frac = int(math.floor(t)), t - math.floor(t)
+        log = (1 - frac) * self.alphas_cumprod[lo].log() + frac * self.alphas_cumprod[lo + 1].log()
+        return log.exp().item()
+
+    def __call__(self, t):
+        """(alpha_t, sigma_t) as Python floats, for one timestep."""
+        abar = self.abar(t)
+        return abar**0.5, (1 - abar) ** 0.5
+
+    def per_sample(self, t, like):
+        """(alpha_t, sigma_t) for integer timesteps t (B,), shaped to broadcast against `like` (B, ...)."""
+        abar = self.alphas_cumprod.to(like.device)[t].float().view(-1, *[1] * (like.ndim - 1))
+        return abar.sqrt(), (1 - abar).sqrt()
+
+
+def add_noise(schedule, x0, t, noise):
+    """Sample q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) at timesteps t (B,)."""
+    alpha, sigma = schedule.per_sample(t, x0)
+    return alpha * x0 + sigma * noise
+
+
 def spaced_timesteps(num_steps, num_train_timesteps=1000, spacing="leading", steps_offset=0):
     """The descending training timesteps a sampler visits (Lin et al. 2023, Table 2; IDDPM respacing).
 
-    "leading" and "trailing" are diffusers' spacings; "iddpm" is improved DDPM's `space_timesteps`,
-    which DiT samples with (evenly spaced, rounded, from 0 to T - 1).
+    "leading", "trailing" and "linspace" are diffusers' spacings; "iddpm" is improved DDPM's
+    `space_timesteps`, which DiT samples with (evenly spaced, rounded, from 0 to T - 1).
     """
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {num_steps}")
@@ -64,12 +103,6 @@ def spaced_timesteps(num_steps, num_train_timesteps=1000, spacing="leading", ste
     return torch.from_numpy(np.sort(ts.astype(np.int64))[::-1].copy())
 
 
-def add_noise(alphas_cumprod, x0, t, noise):
-    """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
-    abar = alphas_cumprod.to(x0.device)[t].float().view(-1, *[1] * (x0.ndim - 1))
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-
-
 # -----------------------------------------------------------------------------
 # classifier-free guidance
 
@@ -85,55 +118,126 @@ def cfg(cond_out, uncond_out, w, channels):
     return torch.cat([pred, cond_out[:, channels:]], dim=1)
 
 
-def guided(model, w, cond, null):
-    """The CFG denoiser: conditional and null passes batched into one call of `model`."""
+def guided(model, w, cond, null, channels=None):
+    """The CFG denoiser: conditional and null passes batched into one call of `model`.
+
+    w: a number, one per sample, or a function of the step's timestep (a guidance schedule, see
+    WSchedule); where it gives 1 the null pass is skipped, since CFG at w = 1 is the conditional model.
+    channels: how many output channels are guided (default: all of the input's; see cfg).
+    """
 
     def denoise(x, t):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        scale = w(t) if callable(w) else w
+        if isinstance(scale, (int, float)) and scale == 1:
+            return model(x, t, **cond)
         both = {k: torch.cat([cond[k], null[k]]) for k in cond}
         cond_out, uncond_out = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
-        return cfg(cond_out, uncond_out, w, x.shape[1])
+        return cfg(cond_out, uncond_out, scale, channels or x.shape[1])
 
     return denoise
 
 
 # -----------------------------------------------------------------------------
-# single steps: x_t -> x_{t_prev}; t_prev = -1 means the clean sample
+# guidance schedules: w from step to step
 
 
-def _abar(alphas_cumprod, t, final=1.0):
-    return alphas_cumprod[t].item() if t >= 0 else final
+@dataclass(frozen=True)
+class WSchedule:
+    """How the guidance strength w - 1 varies over a run: at step i, w_i = 1 + (w - 1) f_i.
+
+    "constant": f = 1. "interval" (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval
+    improves sample and distribution quality"): f = 1 where the noise level sigma_t / alpha_t lies in
+    (low, high], else 0, i.e. no guidance at the highest and the lowest noise. "linear": f goes
+    linearly from `start` at the first step to `end` at the last.
+    """
+    kind: str = "constant"
+    low: float = 0.0  # interval: guided for low < sigma_t / alpha_t <= high
+    high: float = math.inf
+    start: float = 1.0  # linear: f at the first step and at the last
+    end: float = 1.0
+
+    def scales(self, w, scheduler, timesteps):
+        """w at each of `timesteps` (Python floats, so that w = 1 can skip a pass)."""
+        n = len(timesteps)
+        out = []
+        for i, t in enumerate(timesteps.tolist() if torch.is_tensor(timesteps) else timesteps):
+            if self.kind == "constant":
+                f = 1.0
+            elif self.kind == "interval":
+                alpha, sigma = scheduler.schedule(t)
+                f = 1.0 if self.low < sigma / alpha <= self.high else 0.0
+            elif self.kind == "linear":
+                f = self.start + (self.end - self.start) * (i / (n - 1) if n > 1 else 0.0)
+            else:
+                raise ValueError(f"unknown guidance schedule {self.kind!r} (constant, interval, linear)")
+            out.append(1.0 + (w - 1.0) * f)
+        return out
+
+    def at(self, w, scheduler, timesteps):
+        """w as a function of the step's timestep (B,), for guided() and the adapters."""
+        ts = timesteps.tolist() if torch.is_tensor(timesteps) else list(timesteps)
+        table = dict(zip(ts, self.scales(w, scheduler, ts)))
+        return lambda t: table[t.reshape(-1)[0].item() if torch.is_tensor(t) else t]
+
+    @classmethod
+    def parse(cls, spec):
+        """"constant", "interval:LOW:HIGH" (noise levels sigma_t / alpha_t) or "linear:START:END"."""
+        kind, *values = spec.split(":")
+        try:
+            numbers = [float(v) for v in values]
+        except ValueError:
+            numbers = None
+        shapes = {"constant": 0, "interval": 2, "linear": 2}
+        if kind not in shapes or numbers is None or len(numbers) != shapes[kind]:
+            raise ValueError(f"guidance schedule {spec!r}: expected constant, interval:LOW:HIGH or linear:START:END")
+        if kind == "interval":
+            if not 0 <= numbers[0] < numbers[1]:
+                raise ValueError(f"guidance schedule {spec!r}: need 0 <= LOW < HIGH")
+            return cls(kind, low=numbers[0], high=numbers[1])
+        return cls(kind, start=numbers[0], end=numbers[1]) if kind == "linear" else cls()
 
 
-def predict_x0_eps(prediction, x, abar_t, prediction_type):
-    """(x_0, epsilon) from the model's prediction: epsilon (DDPM) or v (Salimans & Ho 2022)."""
-    a, s = abar_t**0.5, (1 - abar_t) ** 0.5  # abar_t: a number, or a tensor broadcasting against x
+# -----------------------------------------------------------------------------
+# single steps: x at (alpha, sigma) = `now` -> x at `nxt`; (1, 0) is the clean sample
+
+
+def predict_x0_eps(prediction, x, alpha, sigma, prediction_type):
+    """(x_0, epsilon) from the model's prediction at x = alpha x_0 + sigma eps.
+
+    epsilon (DDPM); v = alpha eps - sigma x_0 (Salimans & Ho 2022); "flow": the velocity
+    eps - x_0 of flow matching (Lipman et al. 2023; SD3), where alpha = 1 - sigma.
+    alpha and sigma are numbers, or tensors that broadcast against x.
+    """
     if prediction_type == "epsilon":
         eps = prediction
-        x0 = (x - s * eps) / a
+        x0 = (x - sigma * eps) / alpha
     elif prediction_type == "v_prediction":
-        x0 = a * x - s * prediction
-        eps = a * prediction + s * x
+        x0 = alpha * x - sigma * prediction
+        eps = alpha * prediction + sigma * x
+    elif prediction_type == "flow":
+        x0 = x - sigma * prediction
+        eps = x + alpha * prediction
     else:
         raise ValueError(f"unknown prediction type {prediction_type!r}")
     return x0, eps
 
 
-def ddpm_step(alphas_cumprod, out, t, t_prev, x, noise=None, prediction_type="epsilon", clip_sample=None):
+def ddpm_step(out, x, now, nxt, noise=None, prediction_type="epsilon", clip_sample=None):
     """Ancestral step of p(x_{t_prev} | x_t) (Ho et al. 2020, eq. 7) over a respaced chain.
 
     With 2C output channels the last C interpolate the log-variance between the posterior's
     and beta's (improved DDPM, Nichol & Dhariwal 2021, eq. 15), as DiT predicts it.
     """
     C = x.shape[1]
-    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+    abar_t, abar_prev = now[0] ** 2, nxt[0] ** 2
     beta = 1 - abar_t / abar_prev  # the respaced chain's beta_t
-    x0, _ = predict_x0_eps(out[:, :C], x, abar_t, prediction_type)
+    x0, _ = predict_x0_eps(out[:, :C], x, *now, prediction_type)
     if clip_sample is not None:  # pixel-space models: x_0 lies in [-1, 1]
         x0 = x0.clamp(-clip_sample, clip_sample)
     mean = (math.sqrt(abar_prev) * beta / (1 - abar_t)) * x0 + \
         (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t)) * x  # posterior mean, eq. 7
-    if t_prev < 0 or noise is None:
+    if nxt[1] == 0 or noise is None:
         return mean
     posterior_var = max((1 - abar_prev) / (1 - abar_t) * beta, 1e-20)
     if out.shape[1] == 2 * C:
@@ -144,68 +248,113 @@ def ddpm_step(alphas_cumprod, out, t, t_prev, x, noise=None, prediction_type="ep
     return mean + torch.exp(0.5 * log_var) * noise
 
 
-def ddim_step(alphas_cumprod, out, t, t_prev, x, noise=None, eta=0.0, prediction_type="epsilon", clip_sample=None,
-              final_alpha_cumprod=1.0):
+def ddim_step(out, x, now, nxt, noise=None, eta=0.0, prediction_type="epsilon", clip_sample=None):
     """DDIM step (Song et al. 2021, eq. 12); eta = 0 is deterministic. Learned variance is ignored.
 
-    `final_alpha_cumprod` is abar after the last step: 1 gives the clean sample; SD's schedulers
-    (set_alpha_to_one=False) stop at abar_0 instead.
+    In flow matching's (alpha, sigma) = (1 - s, s), deterministic DDIM is the Euler step of the flow
+    x + (s_next - s) v, which is what FlowMatchEulerDiscreteScheduler takes.
     """
     C = x.shape[1]
-    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev, final_alpha_cumprod)
-    x0, eps = predict_x0_eps(out[:, :C], x, abar_t, prediction_type)
+    (alpha, sigma), (alpha_next, sigma_next) = now, nxt
+    x0, eps = predict_x0_eps(out[:, :C], x, alpha, sigma, prediction_type)
     if clip_sample is not None:  # pixel-space models; epsilon is kept unclipped, as in diffusers
         x0 = x0.clamp(-clip_sample, clip_sample)
-    sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
-    x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma**2) * eps
-    if sigma > 0 and noise is not None:
-        x_prev = x_prev + sigma * noise
-    return x_prev
+    # the added noise's scale (eq. 16): eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+    s = eta * (sigma_next / sigma) * math.sqrt(max(1 - (alpha / alpha_next) ** 2, 0.0)) if eta else 0.0
+    x_next = alpha_next * x0 + math.sqrt(sigma_next**2 - s**2) * eps
+    if s > 0 and noise is not None:
+        x_next = x_next + s * noise
+    return x_next
 
 
-def euler_step(alphas_cumprod, out, t, t_prev, x, noise=None, prediction_type="epsilon"):
+def euler_step(out, x, now, nxt, noise=None, prediction_type="epsilon"):
     """Euler step of the probability-flow ODE dx/dsigma = eps (Karras et al. 2022, Algorithm 1 less Heun's term).
 
-    Its variable is x = x_t / sqrt(abar_t) = x_0 + sigma eps, at sigma = sqrt((1 - abar_t) / abar_t):
-    diffusers' EulerDiscreteScheduler keeps its samples in that space, and its scale_model_input
-    hands the model exactly our x_t. Deterministic DDIM is the same step (Song et al. 2021, eq. 14).
+    Its variable is x = x_t / alpha_t = x_0 + sigma eps, at sigma = sigma_t / alpha_t: diffusers'
+    EulerDiscreteScheduler keeps its samples in that space, and its scale_model_input hands the
+    model exactly our x_t. Deterministic DDIM is the same step (Song et al. 2021, eq. 14).
     """
     C = x.shape[1]
-    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)  # sigma = 0 after the last step
-    _, eps = predict_x0_eps(out[:, :C], x, abar_t, prediction_type)
-    sigma, sigma_prev = math.sqrt((1 - abar_t) / abar_t), math.sqrt((1 - abar_prev) / abar_prev)
-    x_sigma = x / math.sqrt(abar_t)  # into Karras et al.'s space: x_t * sqrt(1 + sigma^2)
-    x_sigma = x_sigma + (sigma_prev - sigma) * eps
-    return x_sigma * math.sqrt(abar_prev)  # and back: x / sqrt(1 + sigma_prev^2)
+    (alpha, sigma), (alpha_next, sigma_next) = now, nxt
+    _, eps = predict_x0_eps(out[:, :C], x, alpha, sigma, prediction_type)
+    x_sigma = x / alpha  # into Karras et al.'s space: x_t * sqrt(1 + sigma^2)
+    x_sigma = x_sigma + (sigma_next / alpha_next - sigma / alpha) * eps
+    return x_sigma * alpha_next  # and back: x / sqrt(1 + sigma_next^2)
+
+
+SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step, "euler": euler_step}
 
 
 # -----------------------------------------------------------------------------
-# sampling loops
+# a scheduler: schedule, step and options together; the sampling loop
 
 
-def sample(denoise, x, alphas_cumprod, timesteps, step=ddpm_step, generator=None, record=None,
-           progress=False, **step_kw):
-    """Run a sampler from noise x at timesteps[0] down to the clean sample.
+@dataclass
+class Scheduler:
+    """A diffusers scheduler config as the loop takes it:
 
-    `record`, if a list, receives one (x_t, t, out) per step: the trajectory AGD trains on.
+        s = scheduler_from_config("stabilityai/stable-diffusion-2-1")
+        x0 = sample(denoise, x, s, s.timesteps(50))
+
+    It samples as diffusers runs the config at SD's and SDXL's "leading" spacing. At the others
+    diffusers differs: its DDIM and DDPM step to t - T // steps rather than to the next timestep
+    visited (the same under "trailing" only when the steps divide T), and its Euler visits unrounded
+    "linspace" timesteps and starts from sqrt(1 - abar_T) x_T rather than x_T.
     """
-    ts = [int(t) for t in timesteps]
+
+    schedule: VPSchedule  # t -> (alpha_t, sigma_t)
+    step_fn: callable  # ddim_step, euler_step or ddpm_step
+    options: dict = field(default_factory=dict)  # the step's: prediction_type, clip_sample, eta
+    timestep_spacing: str = "leading"  # "leading", "trailing", "linspace" (Lin et al. 2023, Table 2) or "iddpm"
+    steps_offset: int = 0  # added to "leading" timesteps: SD's 1 puts the last step at t = 1
+    final: tuple = (1.0, 0.0)  # (alpha, sigma) after the last step: the clean sample, or SD DDIM's abar_0
+
+    @property
+    def name(self):
+        return self.step_fn.__name__.removesuffix("_step")
+
+    @property
+    def alphas_cumprod(self):
+        return self.schedule.alphas_cumprod
+
+    @property
+    def stochastic(self):
+        """Whether a step draws noise: DDPM, and DDIM with eta > 0."""
+        return self.step_fn is ddpm_step or self.options.get("eta", 0) > 0
+
+    def timesteps(self, num_steps):
+        """The descending timesteps of a num_steps run, as the scheduler's set_timesteps chooses them."""
+        return spaced_timesteps(num_steps, self.schedule.num_train_timesteps, self.timestep_spacing,
+                                self.steps_offset)
+
+    def step(self, out, x, t, t_next, noise=None):
+        """From x at timestep t to timestep t_next (None: past the last step)."""
+        nxt = self.final if t_next is None else self.schedule(t_next)
+        return self.step_fn(out, x, self.schedule(t), nxt, noise=noise, **self.options)
+
+
+def sample(denoise, x, scheduler, timesteps, generator=None, callback=None, progress=False):
+    """Run the scheduler's sampler from noise x at timesteps[0] down to the clean sample.
+
+    `callback`, if given, sees each step as a dict(i=, t=, x=, out=) before it is taken: the
+    trajectory AGD trains on (x_t, t, the denoiser's output). The callback keeps what it wants.
+    """
+    ts = [t.item() if torch.is_tensor(t) else t for t in timesteps]
     for i, t in enumerate(tqdm(ts, disable=not progress, desc="sampling", leave=False)):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        t_next = ts[i + 1] if i + 1 < len(ts) else None
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if isinstance(t, int) else torch.float32)
         out = denoise(x, tt)
-        if record is not None:
-            record.append((x, t, out))
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if t_prev >= 0 else None
-        x = step(alphas_cumprod, out, t, t_prev, x, noise=noise, **step_kw)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "out": out})
+        noise = None
+        if t_next is not None and scheduler.stochastic:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = scheduler.step(out, x, t, t_next, noise=noise)
     return x
 
 
-SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
-
-
 # -----------------------------------------------------------------------------
-# diffusers' scheduler configs: what an SD repo's scheduler/scheduler_config.json asks of the loop
+# diffusers' scheduler configs: what a repo's scheduler/scheduler_config.json asks of the loop
 
 SCHEDULER_STEPS = {"DDIMScheduler": ddim_step, "EulerDiscreteScheduler": euler_step, "DDPMScheduler": ddpm_step}
 SCHEDULES = {"linear": linear_schedule, "scaled_linear": scaled_linear_schedule}
@@ -220,35 +369,12 @@ SCHEDULER_FIXED = dict(thresholding=False, rescale_betas_zero_snr=False, use_kar
                        final_sigmas_type="zero", timestep_type="discrete")
 
 
-@dataclass
-class Scheduler:
-    """A diffusers scheduler config as the loop takes it:
-
-        s = scheduler_from_config("stabilityai/stable-diffusion-2-1")
-        x0 = sample(denoise, x, s.alphas_cumprod, s.timesteps(50), step=s.step, **s.step_kw)
-
-    It samples as diffusers runs the config at SD's and SDXL's "leading" spacing. At the others
-    diffusers differs: its DDIM and DDPM step to t - T // steps rather than to the next timestep
-    visited (the same under "trailing" only when the steps divide T), and its Euler visits unrounded
-    "linspace" timesteps and starts from sqrt(1 - abar_T) x_T rather than x_T.
-    """
-
-    alphas_cumprod: torch.Tensor  # (T,) float64, from the config's betas
-    step: callable  # the config class's step: ddim_step, euler_step or ddpm_step
-    step_kw: dict  # the step's options from the config: prediction_type, clip_sample, final_alpha_cumprod
-    timestep_spacing: str = "leading"  # "leading", "trailing" or "linspace" (Lin et al. 2023, Table 2)
-    steps_offset: int = 0  # added to "leading" timesteps: SD's 1 puts the last step at t = 1
-
-    def timesteps(self, num_steps):
-        """The descending timesteps of a num_steps run, as the scheduler's set_timesteps chooses them."""
-        return spaced_timesteps(num_steps, len(self.alphas_cumprod), self.timestep_spacing, self.steps_offset)
-
-
 def scheduler_from_config(config):
     """The Scheduler of a diffusers scheduler config: a dict, or a pipeline folder or hub id holding one.
 
     Another of the classes above samples with the same schedule as diffusers' `from_config` swap does:
     scheduler_from_config({**read_scheduler_config(root), "_class_name": "EulerDiscreteScheduler"}).
+    "timestep_spacing": "iddpm" (ours) respaces as DiT samples.
     """
     if not isinstance(config, dict):
         file = scheduler_config_file(config)
@@ -274,18 +400,19 @@ def scheduler_from_config(config):
         alphas_cumprod = SCHEDULES[c["beta_schedule"]](c["num_train_timesteps"], c["beta_start"], c["beta_end"])
     else:
         raise ValueError(f"beta_schedule {c['beta_schedule']!r} is not supported ({' or '.join(SCHEDULES)})")
+    schedule = VPSchedule(alphas_cumprod)
 
-    step, kw = SCHEDULER_STEPS[name], dict(prediction_type=c["prediction_type"])
+    step, options, final = SCHEDULER_STEPS[name], dict(prediction_type=c["prediction_type"]), (1.0, 0.0)
     clip_sample = c["clip_sample_range"] if c["clip_sample"] else None
     if step is ddim_step:
-        kw.update(clip_sample=clip_sample,
-                  final_alpha_cumprod=1.0 if c["set_alpha_to_one"] else alphas_cumprod[0].item())
+        options.update(clip_sample=clip_sample)
+        final = (1.0, 0.0) if c["set_alpha_to_one"] else schedule(0)
     elif step is ddpm_step:
         if c["variance_type"] not in ("fixed_small", "learned_range"):
             raise ValueError(f"variance_type {c['variance_type']!r} is not supported ('fixed_small' or "
                              "'learned_range', which ddpm_step reads off the model's channels)")
-        kw.update(clip_sample=clip_sample)
-    return Scheduler(alphas_cumprod, step, kw, c["timestep_spacing"], c["steps_offset"])
+        options.update(clip_sample=clip_sample)
+    return Scheduler(schedule, step, options, c["timestep_spacing"], c["steps_offset"], final)
 
 
 def scheduler_config_file(path_or_repo_id):
@@ -306,24 +433,6 @@ def scheduler_config_file(path_or_repo_id):
     except Exception as e:  # network, auth, unknown repo: all one line for the user
         raise checkpoint.CheckpointError(f"{path_or_repo_id}: could not download scheduler/scheduler_config.json "
                                          f"from the hub ({type(e).__name__})") from e
-
-
-def step_options_beside(weights):
-    """prediction_type and clip_sample from the scheduler config beside a model's weights, if any.
-
-    Looks in `weights`/scheduler/ and in its parent's (weights may name the transformer/ subfolder).
-    DiT-XL/2 predicts epsilon unclipped (the hub's config, the paper's sample_ddp.py); the tiny teacher
-    predicts v and clips x_0 to its pixel range. Hub ids and .pt files have no local config: DiT's.
-    Collection (train_agd.py) and sampling (sample.py) both read it here, so they run one sampler.
-    """
-    path = Path(weights)
-    for file in (path / "scheduler" / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
-        if file.is_file():
-            config = read_scheduler_config(file)
-            clip = config.get("clip_sample", True)  # diffusers' default where a config leaves it out
-            return {"prediction_type": config.get("prediction_type", "epsilon"),
-                    "clip_sample": float(config.get("clip_sample_range", 1.0)) if clip else None}
-    return {"prediction_type": "epsilon", "clip_sample": None}
 
 
 def read_scheduler_config(path_or_repo_id):

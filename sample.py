@@ -6,11 +6,12 @@
     python sample.py --model tiny --classes 0 1 2 3 --cfg 3.0                 # the bundled MNIST teacher
     python sample.py --model sdxl --prompt "a red fox in the snow" --num-images 4 --cfg 7.5 --dtype bfloat16
     python sample.py --model sd21 --weights my-sd21-finetune --adapters runs/sd21/adapters.safetensors --w 7.5
+    python sample.py --model sdxl --lora style.safetensors:0.8 --adapters runs/sdxl/adapters.safetensors --w 7.5
 
 DiT is sampled as its paper samples it (facebookresearch/DiT sample_ddp.py): 250 DDPM steps respaced
 as in improved DDPM, with the learned variance, and CFG against the null class (on every latent
-channel, where the paper's code guides three of four: see dit_denoiser); or with DDIM at diffusers'
-"leading" spacing, as diffusers' DiTPipeline runs the hub's scheduler config.
+channel, where the paper's code guides three of four); or with DDIM at diffusers' "leading" spacing,
+as diffusers' DiTPipeline runs the hub's scheduler config (families.dit_scheduler decides both).
 
 Stable Diffusion 2.1 and XL are sampled as diffusers' StableDiffusion(XL)Pipeline samples them: the
 sampler, schedule and prediction of the repo's scheduler config (SD 2.1: DDIM, v; SDXL: Euler,
@@ -24,7 +25,6 @@ Writes the images as one PNG grid and prints the seconds per sampler step.
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +32,10 @@ import torch
 
 import adapters
 import checkpoint
-import dit
+import families
 import guidance
-import prompts
-import unet
-import vae
+import lora
 
-ROOT = Path(__file__).resolve().parent
 COLUMNS = 4  # images per row of the grid, as DiT's and AGD's sample.py
 
 
@@ -46,25 +43,96 @@ class InputError(ValueError):
     """Input that cannot be sampled (a class the model lacks, a size its weights lack); one line for the user."""
 
 
+class NonFiniteSample(ValueError):
+    """A sample turned NaN or infinite: the message names the step and the sample, and no image is written."""
+
+
 # -----------------------------------------------------------------------------
 # denoisers: the model conditioned, guided, or with adapters
 
 
-def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None):
+def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None, channels=None):
     """The denoiser to sample with: adapters at w (one pass), CFG at cfg_scale against `null`, or the model at `cond`.
 
-    Samples stay float32 between steps; the model computes in its own dtype.
+    w and cfg_scale: a number, or a function of the step's timestep (guidance.WSchedule.at); channels:
+    how many output channels CFG guides (default all; see families.load_dit). Adapters
+    that read the negative get `null` as it. Samples stay float32 between steps; the model computes in
+    its own dtype.
     """
     dtype = next(model.parameters()).dtype
-    if student is not None:  # AGD: one pass per step
-        return lambda x, t: student(x.to(dtype), t, w=w, **cond).float()
 
     def net(x, t, **c):
         return model(x.to(dtype), t, **c).float()
 
-    if cfg_scale is None or cfg_scale == 1:  # w = 1 is the conditional model: one pass, as the pipelines run it
-        return lambda x, t: net(x, t, **cond)
-    return guidance.guided(net, cfg_scale, cond, null)
+    if student is not None:  # AGD: one pass per step
+        negative = null if student.takes_negative else None
+
+        def agd(x, t):
+            scale = w(t) if callable(w) else w
+            if callable(w) and scale == 1:  # a schedule's unguided step: the conditional model, as CFG's there
+                return net(x, t, **cond)
+            return student(x.to(dtype), t, w=scale, negative=negative, **cond).float()
+
+        return agd
+    if cfg_scale is None or (not callable(cfg_scale) and cfg_scale == 1):  # w = 1: the conditional model, one
+        return lambda x, t: net(x, t, **cond)  # pass, as the pipelines run it
+    return guidance.guided(net, cfg_scale, cond, null, channels)
+
+
+@torch.no_grad()
+def sample_latents(base, conditions, noise, steps, cfg_scale=None, negative=None, student=None, w=None,
+                   generator=None, progress=False, w_schedule=None):
+    """Clean samples (B, C, H, W) for `conditions` (B class ids or B prompts) from x_T = `noise`.
+
+    `steps` of the base's scheduler, with CFG at `cfg_scale` against `negative` (a negative prompt or
+    class; default: the model's null condition), or with the adapters `student` at `w` in one pass per
+    step; `w_schedule` (guidance.WSchedule) varies either scale from step to step. Latents come in the
+    autoencoder's scaled units.
+    """
+    cond = base.encode(conditions)
+    timesteps = base.scheduler.timesteps(steps)
+    scheduled = w_schedule is not None and w_schedule.kind != "constant"
+    if scheduled and student is not None:
+        w = w_schedule.at(w, base.scheduler, timesteps)
+    elif scheduled and cfg_scale is not None:
+        cfg_scale = w_schedule.at(cfg_scale, base.scheduler, timesteps)
+    guided = student is None and cfg_scale is not None and (callable(cfg_scale) or cfg_scale != 1)
+    needs_null = guided or (student is not None and student.takes_negative)
+    null = base.null(len(noise), negative) if needs_null else None
+    finite = FiniteCheck(len(timesteps))
+    x = guidance.sample(denoiser(base.model, cond, null, cfg_scale, student, w, base.cfg_channels), noise.float(),
+                        base.scheduler, timesteps, generator=generator, callback=finite, progress=progress)
+    finite.check(x, conditions)
+    return x
+
+
+class FiniteCheck:
+    """The sampler's callback that notes the first step at which each sample's denoiser output is not finite.
+
+    The note stays on the device, so that sampling never waits for it; `check` looks once, at the end.
+    """
+
+    def __init__(self, steps):
+        self.steps, self.first = steps, None  # (B,): each sample's first non-finite step; `steps` for none
+
+    def __call__(self, step):
+        bad = ~torch.isfinite(step["out"]).flatten(1).all(1)  # (B,)
+        if self.first is None:
+            self.first = torch.full(bad.shape, self.steps, device=bad.device)
+        self.first = torch.where(bad, self.first.clamp(max=step["i"]), self.first)
+
+    def check(self, x, conditions):
+        """Raise NonFiniteSample naming the first sample to turn non-finite (its output, or its final x)."""
+        last = torch.where(~torch.isfinite(x).flatten(1).all(1), self.steps - 1, self.steps)  # (B,)
+        first = torch.minimum(self.first, last).tolist() if self.first is not None else last.tolist()
+        bad = [b for b, s in enumerate(first) if s < self.steps]
+        if bad:
+            b = min(bad, key=lambda b: first[b])
+            c = conditions[b]
+            what = f"class {int(c)}" if torch.is_tensor(c) else f"prompt {c[:40]!r}"
+            more = f"; {len(bad) - 1} more samples did too" if len(bad) > 1 else ""
+            raise NonFiniteSample(f"sample {b} ({what}) turned non-finite (nan or inf) at step {first[b] + 1} of "
+                                  f"{self.steps}{more}; no image is written")
 
 
 def load_student(model, file, weights):
@@ -77,187 +145,96 @@ def load_student(model, file, weights):
         raise InputError(f"{file}: these adapters do not fit {weights} ({e})") from None
 
 
-def describe(sampler, steps, n, cfg_scale, student, w):
+def describe(sampler, steps, n, cfg_scale, student, w, w_schedule=None, negative=None):
     """What ran each step, for the line sample.py prints."""
     passes = (f"adapters at w={w:g}, one pass" if student is not None else
               f"CFG at w={cfg_scale:g}, conditional and null passes batched" if cfg_scale != 1 else
               "no guidance, one pass")
+    if w_schedule is not None and w_schedule.kind != "constant":
+        passes += f", w scheduled {w_schedule.kind}"
+    if negative is not None:
+        passes += f", against the negative {negative!r}"
     return f"{sampler}, {steps} steps, {n} images, {passes}"
 
 
 # -----------------------------------------------------------------------------
-# DiT: class-conditional, on SD latents (DiT-XL/2) or on pixels (the tiny teacher)
-
-SPACING = {"ddpm": "iddpm", "ddim": "leading"}  # DiT's respacing (IDDPM); DiTPipeline's DDIMScheduler default
+# loading what --model, --weights and the size options name
 
 
-def dit_denoiser(model, labels, cfg_scale=None, student=None, w=None):
-    """The denoiser for class `labels`: the conditional model, CFG against the null class, or adapters at w.
-
-    CFG guides all C epsilon channels, as diffusers' DiTPipeline does; the paper's code guides only the
-    first 3 of 4 "for exact reproducibility reasons" (models.py, forward_with_cfg), and its variance
-    comes from the conditional pass either way.
-    """
-    null = torch.full_like(labels, model.config.num_classes)  # the row that label dropout trained
-    return denoiser(model, {"y": labels}, {"y": null}, cfg_scale, student, w)
-
-
-@torch.no_grad()
-def sample_dit(model, labels, cfg_scale=None, steps=250, sampler="ddpm", generator=None, student=None, w=None,
-               prediction_type="epsilon", clip_sample=None, progress=False):
-    """Clean latents (B, C, H, W) for class `labels` (B,): noise from `generator`, then `steps` of `sampler`."""
-    cfg = model.config
-    x = torch.randn((len(labels), cfg.in_channels, cfg.input_size, cfg.input_size), generator=generator,
-                    device=labels.device)  # (B, C, H, W)
-    return guidance.sample(dit_denoiser(model, labels, cfg_scale, student, w), x, guidance.linear_schedule(),
-                           guidance.spaced_timesteps(steps, spacing=SPACING[sampler]),
-                           step=guidance.SAMPLERS[sampler], generator=generator, progress=progress,
-                           prediction_type=prediction_type, clip_sample=clip_sample)
+def dit_weights(args, family):
+    """The DiT weights to load: --weights, or the official ones for --image-size."""
+    if args.weights is not None:
+        return args.weights
+    if args.image_size is not None and family.sizes and args.image_size not in family.sizes:
+        raise InputError(f"--image-size {args.image_size}: the {family.name} weights come in "
+                         f"{' and '.join(map(str, family.sizes))} px")
+    weights = family.sizes.get(args.image_size or min(family.sizes, default=0), family.weights)
+    if weights.startswith("/") and not Path(weights).exists():
+        raise InputError(f"{weights}: missing (the bundled teacher: python tiny.py teacher trains it)")
+    return weights
 
 
-@dataclass
-class DiTChoice:
-    """What sampling one kind of DiT needs beyond its weights."""
-    weights: dict  # image side in pixels -> the official weights (hub id or folder)
-    latent: bool  # denoises the SD autoencoder's latents (decoded at the end), else pixels
-    classes: list  # default --classes
-    steps: dict  # sampler -> default --steps
-    cfg: float = 4.0  # default --cfg and --w (the paper's DiT-XL/2 samples)
+def load_base(args, family):
+    """The Base for the CLI's options, its autoencoder included; sizes and classes checked."""
+    if family.conditioning == "class":
+        weights = dit_weights(args, family)
+        try:
+            base = family.load(weights, args.dtype, args.device, sampler=args.sampler, with_vae=True,
+                               vae_weights=args.vae, cfg_channels=args.cfg_channels)
+        except checkpoint.CheckpointError:
+            raise
+        except ValueError as e:  # --cfg-channels the model does not have
+            raise InputError(f"--{str(e).replace('_', '-')}") from None
+        factor = base.vae.config.downsampling_factor if base.vae is not None else 1
+        side = base.shape[-1] * factor
+        if args.image_size is not None and args.image_size != side:
+            raise InputError(f"{weights}: its images are {side} x {side} px, not {args.image_size}")
+        n = base.model.config.num_classes
+        bad = [c for c in args.classes + ([args.negative_class] if args.negative_class is not None else [])
+               if not 0 <= c < n]
+        if bad:
+            raise InputError(f"class {bad[0]} is out of range: {weights} has classes 0-{n - 1} "
+                             f"(and {n}, the null class that CFG uses)")
+        return base
+    try:
+        return family.load(args.weights, args.dtype, args.device, height=args.height, width=args.width,
+                           with_vae=True, vae_weights=args.vae)
+    except checkpoint.CheckpointError:
+        raise
+    except ValueError as e:  # a size the autoencoder cannot make: its message begins with the option's name
+        raise InputError(f"--{e}" if str(e).startswith(("height ", "width ")) else str(e)) from None
 
 
-# The autoencoder for a .pt checkpoint, which comes without one: the one DiT's FIDs (sample_ddp.py
-# --vae ema) and the official AGD code decode with.
-ORIGINAL_VAE = "stabilityai/sd-vae-ft-ema"
-
-
-def load_dit(args, choice):
-    """The DiT, its autoencoder (None in pixel space), and the weights' name, checked against --image-size."""
-    weights = args.weights
-    if weights is None:
-        size = args.image_size or min(choice.weights)
-        if size not in choice.weights:
-            raise InputError(f"--image-size {size}: the {args.model} weights come in "
-                             f"{' and '.join(map(str, choice.weights))} px")
-        weights = choice.weights[size]
-        if weights.startswith("/") and not Path(weights).exists():
-            raise InputError(f"{weights}: missing (the bundled teacher: python tiny.py teacher trains it)")
-    model = dit.from_pretrained(weights, dtype=args.dtype, device=args.device)
-    ae, factor = None, 1
-    if choice.latent:
-        ae = vae.from_pretrained(args.vae or (ORIGINAL_VAE if dit.find_original(weights) else weights),
-                                 dtype=args.dtype, device=args.device)
-        factor = ae.config.downsampling_factor
-    side = model.config.input_size * factor
-    if args.image_size is not None and args.image_size != side:
-        raise InputError(f"{weights}: its images are {side} x {side} px, not {args.image_size}")
-    return model, ae, weights
-
-
-def generate_dit(args, choice):
-    """Images (B, C, H, W) in [0, 1], one per class of --classes; seconds per step; what ran each step."""
+def generate(args, family):
+    """Images (B, C, H, W) in [0, 1], in order; seconds per step; what ran each step."""
     if args.adapters:
         adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
-    model, ae, weights = load_dit(args, choice)
-    n = model.config.num_classes
-    bad = [c for c in args.classes if not 0 <= c < n]
-    if bad:
-        raise InputError(f"class {bad[0]} is out of range: {weights} has classes 0-{n - 1} "
-                         f"(and {n}, the null class that CFG uses)")
-    student = load_student(model, args.adapters, weights) if args.adapters else None
-    labels = torch.tensor(args.classes, device=args.device)
+    lora.check_files(args.lora)
+    base = load_base(args, family)
+    lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good, before any prompt is encoded
+    student = load_student(base.model, args.adapters, base.weights) if args.adapters else None
+    negative = args.negative_class if family.conditioning == "class" else args.negative_prompt
+    if student is not None and negative is not None and not student.takes_negative:
+        raise InputError(f"{args.adapters}: these adapters learned CFG against the null condition only; for a "
+                         f"negative in one pass, train them with one (python train_agd.py --negatives 0.5)")
+    if family.conditioning == "class":
+        conditions = torch.tensor(args.classes, device=args.device)
+    else:
+        conditions = [p for p in args.prompt for _ in range(args.num_images)]  # as num_images_per_prompt orders them
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    start = time.perf_counter()
-    z = sample_dit(model, labels, args.cfg, args.steps, args.sampler, generator, student, args.w,
-                   **guidance.step_options_beside(weights), progress=True)  # (B, C, h, w)
+    noise = torch.randn((len(conditions), *base.shape), generator=generator, device=args.device)  # (B, C, h, w): x_T
+    start = time.perf_counter()  # a prompt's encoding counts in: once, against `steps` passes
+    z = sample_latents(base, conditions, noise, args.steps, args.cfg, negative, student, args.w, generator,
+                       progress=True, w_schedule=args.w_schedule)  # (B, C, h, w)
     z = z.cpu()  # waits for the device to finish
     seconds = (time.perf_counter() - start) / args.steps
-    with torch.no_grad():
-        images = ae.decode(z.to(args.device)).float().cpu() if ae is not None else z  # (B, C, H, W) about [-1, 1]
-    how = describe(args.sampler, args.steps, len(images), args.cfg, student, args.w)
+    images = z
+    if base.vae is not None:
+        with torch.no_grad():  # one image at a time: a batch of 1024 px images is large to decode at once
+            images = base.vae.decode(z.to(args.device), batch_size=1).float().cpu()  # (B, 3, H, W) about [-1, 1]
+    how = describe(base.scheduler.name, args.steps, len(images), args.cfg, student, args.w, args.w_schedule, negative)
+    how += "".join(f", LoRA {file.name}:{multiplier:g}" for file, multiplier in args.lora)
     return (images / 2 + 0.5).clamp(0, 1), seconds, how
-
-
-# -----------------------------------------------------------------------------
-# Stable Diffusion 2.1 and XL: text-conditional, on SD latents, sampled as their scheduler config says
-
-
-@torch.no_grad()
-def sample_sd(model, prompt_encoder, scheduler, prompts, noise, height, width, steps=50, cfg_scale=None,
-              negative_prompt=None, student=None, w=None, generator=None, progress=False):
-    """Clean latents (B, C, h, w), in the autoencoder's scaled units, for `prompts` (B) from x_T = `noise`.
-
-    As diffusers' pipelines sample from `latents=noise`: `steps` of the `scheduler`'s sampler, with CFG at
-    `cfg_scale` against `negative_prompt` (default: the model's null condition), or with the adapters
-    `student` at `w` in one pass per step. height and width are the image's, in pixels: SDXL conditions
-    on them.
-    """
-    cond = prompt_encoder(prompts, height=height, width=width)
-    guided = student is None and cfg_scale is not None and cfg_scale != 1
-    null = prompt_encoder.null(len(prompts), height=height, width=width,
-                               negative_prompt=negative_prompt) if guided else None
-    return guidance.sample(denoiser(model, cond, null, cfg_scale, student, w), noise.float(),
-                           scheduler.alphas_cumprod, scheduler.timesteps(steps), step=scheduler.step,
-                           generator=generator, progress=progress, **scheduler.step_kw)
-
-
-@dataclass
-class SDChoice:
-    """What sampling one Stable Diffusion needs beyond its weights (which hold its size and sampler)."""
-    weights: str  # the official pipeline; --weights takes a fine-tune of it in the same layout
-    prompts: list  # default --prompt
-    steps: int = 50  # default --steps (the pipelines' num_inference_steps)
-    cfg: float = 7.5  # default --cfg and --w (the pipelines' guidance_scale)
-
-
-def generate_sd(args, choice):
-    """Images (B, 3, H, W) in [0, 1], --num-images per prompt, in order; seconds per step; what ran each step."""
-    if args.adapters:
-        adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
-    weights = args.weights or choice.weights
-    ae = vae.from_pretrained(args.vae or weights, dtype=args.dtype, device=args.device)
-    factor = ae.config.downsampling_factor
-    for flag, side in (("--height", args.height), ("--width", args.width)):  # checked before the large models load
-        if side is not None and side % factor:
-            raise InputError(f"{flag} {side}: not a multiple of {factor}, the autoencoder's downsampling factor")
-    model = unet.from_pretrained(weights, dtype=args.dtype, device=args.device)
-    native = model.config.sample_size  # the latent side it was trained at: 96 for SD 2.1, 128 for SDXL
-    if native is None and None in (args.height, args.width):
-        raise InputError(f"{weights}: its unet/config.json gives no sample_size; give --height and --width")
-    height, width = args.height or native * factor, args.width or native * factor
-    student = load_student(model, args.adapters, weights) if args.adapters else None
-    scheduler = guidance.scheduler_from_config(weights)
-    prompt_encoder = prompts.PromptEncoder.from_pretrained(weights, dtype=args.dtype, device=args.device)
-
-    batch = [p for p in args.prompt for _ in range(args.num_images)]  # as num_images_per_prompt orders them
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    noise = torch.randn((len(batch), model.config.in_channels, height // factor, width // factor),
-                        generator=generator, device=args.device)  # (B, C, h, w): x_T
-    start = time.perf_counter()  # the prompts' encoding counts in: once, against `steps` UNet passes
-    z = sample_sd(model, prompt_encoder, scheduler, batch, noise, height, width, args.steps, args.cfg,
-                  args.negative_prompt, student, args.w, generator, progress=True)  # (B, C, h, w)
-    z = z.cpu()  # waits for the device to finish
-    seconds = (time.perf_counter() - start) / args.steps
-    with torch.no_grad():  # one image at a time: a batch of 1024 px images is large to decode at once
-        images = ae.decode(z.to(args.device), batch_size=1).float().cpu()  # (B, 3, H, W) about [-1, 1]
-    sampler = scheduler.step.__name__.removesuffix("_step")
-    how = describe(sampler, args.steps, len(images), args.cfg, student, args.w)
-    return (images / 2 + 0.5).clamp(0, 1), seconds, how
-
-
-# -----------------------------------------------------------------------------
-# the models --model names
-
-MODELS = {
-    "dit": DiTChoice(weights={256: "facebook/DiT-XL-2-256", 512: "facebook/DiT-XL-2-512"}, latent=True,
-                     classes=[207, 360, 387, 974, 88, 979, 417, 279],  # the classes of DiT's sample.py
-                     steps={"ddpm": 250, "ddim": 50}),
-    "tiny": DiTChoice(weights={28: str(ROOT / "assets" / "tiny-dit-mnist")}, latent=False,
-                      classes=list(range(10)), steps={"ddpm": 25, "ddim": 25}),
-    "sd21": SDChoice(weights="stabilityai/stable-diffusion-2-1",  # 768 px, v-prediction, DDIM
-                     prompts=["a photo of an astronaut riding a horse on mars"]),  # its model card's
-    "sdxl": SDChoice(weights="stabilityai/stable-diffusion-xl-base-1.0",  # 1024 px, epsilon, Euler
-                     prompts=["An astronaut riding a green horse"]),  # its model card's
-}
 
 
 # -----------------------------------------------------------------------------
@@ -284,24 +261,28 @@ def save_grid(images, file, columns=COLUMNS):
 # -----------------------------------------------------------------------------
 # CLI
 
-DIT_OPTIONS = ("classes", "image_size", "sampler")  # what only --model dit and tiny take
-SD_OPTIONS = ("prompt", "negative_prompt", "num_images", "height", "width")  # and only sd21 and sdxl
+CLASS_OPTIONS = ("classes", "negative_class", "image_size", "sampler", "cfg_channels")  # class models' (dit, tiny)
+PROMPT_OPTIONS = ("prompt", "negative_prompt", "num_images", "height", "width")  # and only prompted ones (sd21, sdxl)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images with classifier-free guidance (two passes per step) "
                                 "or with AGD adapters (one pass per step); write a PNG grid.")
-    p.add_argument("--model", choices=list(MODELS), default="dit",
-                   help="dit: DiT-XL/2 (ImageNet classes); tiny: the bundled MNIST teacher (digits 0-9); "
-                   "sd21: Stable Diffusion 2.1 (768 px); sdxl: Stable Diffusion XL base 1.0 (1024 px)")
+    p.add_argument("--model", choices=list(families.FAMILIES), default="dit",
+                   help="; ".join(f"{f.name}: {f.help}" for f in families.FAMILIES.values()))
     p.add_argument("--weights", help="hub id or folder in the hub's layout (a fine-tune of the model, too); DiT: "
                    "also a facebookresearch/DiT .pt checkpoint (default: the official weights)")
     p.add_argument("--vae", help="autoencoder, hub id or folder (default: the weights' vae/, or "
-                   f"{ORIGINAL_VAE} for a .pt)")
+                   f"{families.ORIGINAL_VAE} for a .pt)")
     p.add_argument("--cfg", type=float, help="CFG scale w; 1 is no guidance (default: dit and tiny 4.0, "
                    "sd21 and sdxl 7.5)")
     p.add_argument("--adapters", help="AGD adapters file: sample in one pass per step at scale --w, instead of CFG")
     p.add_argument("--w", type=float, help="the guidance scale asked of the adapters (default: as --cfg)")
+    p.add_argument("--w-schedule", default="constant", metavar="SPEC",
+                   help="how --cfg / --w vary over the steps: constant; interval:LOW:HIGH, guidance only where the "
+                        "noise level sigma_t / alpha_t is in (LOW, HIGH] (Kynkaanniemi et al. 2024), w = 1 elsewhere "
+                        "(CFG skips its null pass there); linear:START:END, the strength w - 1 scaled from START "
+                        "at the first step to END at the last")
     p.add_argument("--steps", type=int, help="sampler steps (default: dit 250 ddpm, 50 ddim; tiny 25; "
                    "sd21 and sdxl 50)")
     p.add_argument("--seed", type=int, default=0)
@@ -309,12 +290,17 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="of the model weights (bfloat16 or float16 on a GPU); samples stay float32 between steps")
     p.add_argument("--out", default="samples.png", help="the PNG grid to write")
-    d = p.add_argument_group("DiT (--model dit, tiny)")
+    d = p.add_argument_group("class-conditioned models (--model dit, tiny)")
     d.add_argument("--classes", type=int, nargs="+", help="class ids, one image each (default: DiT's sample.py "
                    "classes; tiny: 0-9)")
+    d.add_argument("--negative-class", type=int, help="the class CFG guides away from, in place of the null "
+                   "class (with --adapters: adapters trained with --negatives)")
+    d.add_argument("--cfg-channels", type=lambda v: None if v == "all" else int(v), metavar="3|all",
+                   help="the latent channels CFG guides: all (default, as diffusers' DiTPipeline), or 3, as "
+                        "facebookresearch/DiT's forward_with_cfg does (its published FID-50K 2.27 at w = 1.5)")
     d.add_argument("--image-size", type=int, help="image side in px: picks the official weights (DiT: 256 or 512; "
                    "default 256), or is checked against --weights")
-    d.add_argument("--sampler", choices=list(guidance.SAMPLERS),
+    d.add_argument("--sampler", choices=["ddpm", "ddim"],
                    help="ddpm (default): learned variance, IDDPM respacing (the DiT paper); ddim: eta 0, "
                    "leading spacing")
     s = p.add_argument_group("Stable Diffusion (--model sd21, sdxl); the sampler is the weights' scheduler config's")
@@ -325,35 +311,41 @@ def parse_args(argv=None):
     s.add_argument("--height", type=int, help="image height in px, a multiple of 8 (default: the model's, "
                    "768 for SD 2.1, 1024 for SDXL)")
     s.add_argument("--width", type=int, help="image width in px (default: as --height)")
+    g = p.add_argument_group("LoRA (kohya-ss, diffusers or peft files: UNet and text encoders, or a DiT)")
+    g.add_argument("--lora", action="append", default=[], type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
+                   help="fused into the base after loading, multiplier default 1.0; repeat for several. With "
+                        "--adapters, the adapters of the base model act on the LoRA'd one")
     args = p.parse_args(argv)
 
-    choice = MODELS[args.model]
-    sd = isinstance(choice, SDChoice)
-    wrong = [name for name in (DIT_OPTIONS if sd else SD_OPTIONS) if getattr(args, name) is not None]
+    family = families.FAMILIES[args.model]
+    defaults = family.sample
+    prompted = family.conditioning == "prompt"
+    wrong = [name for name in (CLASS_OPTIONS if prompted else PROMPT_OPTIONS) if getattr(args, name) is not None]
     if wrong:
         p.error(f"--{wrong[0].replace('_', '-')} is not an option of --model {args.model}")
     if args.adapters is not None and args.cfg is not None:
         p.error("--cfg is the scale of CFG; with --adapters give the scale as --w")
     if args.adapters is None and args.w is not None:
         p.error("--w is the scale asked of --adapters; without them give the CFG scale as --cfg")
-    if args.adapters is not None and args.negative_prompt is not None:
-        p.error("--negative-prompt is what CFG guides away from; adapters learned CFG against the null "
-                "condition, and take none")
-    args.cfg = None if args.adapters else choice.cfg if args.cfg is None else args.cfg
-    args.w = (choice.cfg if args.w is None else args.w) if args.adapters else None
-    if sd:
-        args.prompt = args.prompt or choice.prompts
+    try:
+        args.w_schedule = guidance.WSchedule.parse(args.w_schedule)
+    except ValueError as e:
+        p.error(f"--w-schedule: {e}")
+    args.cfg = None if args.adapters else defaults["cfg"] if args.cfg is None else args.cfg
+    args.w = (defaults["cfg"] if args.w is None else args.w) if args.adapters else None
+    if prompted:
+        args.prompt = args.prompt or defaults["prompts"]
         args.num_images = 1 if args.num_images is None else args.num_images
         if args.num_images < 1:
             p.error(f"--num-images must be at least 1, got {args.num_images}")
         for flag, side in (("--height", args.height), ("--width", args.width)):
             if side is not None and side < 1:
                 p.error(f"{flag} must be positive, got {side}")
-        default_steps = choice.steps
+        default_steps = defaults["steps"]
     else:
         args.sampler = args.sampler or "ddpm"
-        args.classes = args.classes or choice.classes
-        default_steps = choice.steps[args.sampler]
+        args.classes = args.classes or defaults["classes"]
+        default_steps = defaults["steps"][args.sampler]
     args.steps = default_steps if args.steps is None else args.steps
     if not 1 <= args.steps <= 1000:
         p.error(f"--steps must be in [1, 1000] (the training timesteps), got {args.steps}")
@@ -368,9 +360,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    choice = MODELS[args.model]
-    generate = generate_sd if isinstance(choice, SDChoice) else generate_dit
-    images, seconds, how = generate(args, choice)
+    images, seconds, how = generate(args, families.FAMILIES[args.model])
     save_grid(images, args.out)
     print(f"{seconds:.3f} s/step ({how}) -> {args.out}")
 
@@ -379,5 +369,5 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         main(args)
-    except (InputError, checkpoint.CheckpointError) as e:
+    except (InputError, NonFiniteSample, checkpoint.CheckpointError) as e:
         sys.exit(f"error: {e}")

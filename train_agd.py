@@ -4,22 +4,19 @@
     python train_agd.py --model dit      # DiT-XL/2 from the hub (or --weights FOLDER)
     python train_agd.py --model sdxl --prompt-file prompts/agd_prompts.txt   # SD 2.1 / SDXL
     python train_agd.py --model sdxl --online                    # no storage: the teacher runs beside
+    python train_agd.py --model sdxl --lora style.safetensors:0.8  # the adapters of a LoRA'd SDXL
     torchrun --nproc_per_node 8 train_agd.py --model sdxl        # data-parallel on 8 GPUs
 
-1. Collect (Algorithm 1 of Jensen & Sadat 2025): sample the frozen base model with CFG at random
-   scales w ~ U[w_min, w_max], along the sampler used at inference, for every class (DiT, 4 per
-   class) or prompt (SD), and record (x_t, t, w) with the CFG output as the target. Only
-   --keep-steps steps of each trajectory are stored, in fp16, and the condition (a class, a
-   prompt's embeddings) once per trajectory. Shards are written atomically; an interrupted
-   collection resumes where it stopped. --online stores nothing: the base with its adapters
-   disabled is the teacher, and trajectories are generated while training into a bounded buffer.
-2. Train (Algorithm 2): adapters beside the attention blocks learn, by MSE, to give the CFG output
-   in one pass. The base is frozen in bf16 (fp16 where bf16 is missing), the adapters' weights stay
-   fp32 under autocast; Adam, linear warm-up over 10 % of the steps, then cosine decay. The state is
-   checkpointed atomically every --save-every steps; --resume continues from it, exactly: a step's
-   batch depends only on (seed, rank, step).
-3. Evaluate (tiny world): the teacher without guidance, with CFG and with adapters, from the same
-   noise, at several w: digit FID, class accuracy and seconds per image -> metrics.json,
+1. Collect (Algorithm 1 of Jensen & Sadat 2025; trajectories.py): CFG trajectories of the frozen
+   base at w ~ U[w_min, w_max], along the inference sampler; --keep-steps of each stored in fp16.
+   --online stores nothing: trajectories are generated while training into a bounded buffer.
+2. Train (Algorithm 2; this file): adapters beside the attention blocks learn, by MSE, to give the
+   CFG output in one pass. The base is frozen in bf16 (fp16 where bf16 is missing), the adapters'
+   weights stay fp32 under autocast; Adam, linear warm-up over 10 % of the steps, then cosine decay.
+   The state is checkpointed atomically every --save-every steps; --resume continues from it,
+   exactly: a step's batch depends only on (seed, rank, step).
+3. Evaluate (tiny world; tiny.py): the teacher without guidance, with CFG and with adapters, from
+   the same noise, at several w: digit FID, class accuracy and seconds per image -> metrics.json,
    samples.png and a table.
 
 Under torchrun every rank collects its share of the shards, then trains on its part of each batch;
@@ -27,287 +24,46 @@ gradients are averaged across ranks (data parallel) and rank 0 writes the checkp
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import adapters
 import checkpoint
-import dit
-import guidance
+import families
+import lora
 import prompts
-import unet
+import runs
+import trajectories
 
 ROOT = Path(__file__).resolve().parent
-OFFICIAL_STEPS = 1000  # the official code stores every one of the 1,000 steps: input and output, fp16
 
 # -----------------------------------------------------------------------------
-# what each model needs: its loader, condition, null condition, sampler and defaults
+# training (Algorithm 2)
 
 
 @dataclass
-class Setup:
-    """Everything model-specific; the rest of this file only calls these."""
-    model: torch.nn.Module
-    shape: tuple  # (C, H, W) of the denoiser's input
-    out_channels: int  # of its output: C, or 2C with a learned variance (DiT)
-    condition: callable  # trajectory indices (N,) -> cond dict of the denoiser
-    null: callable  # n -> the null condition dict
-    alphas_cumprod: torch.Tensor
-    timesteps: torch.Tensor  # the inference sampler's steps, descending
-    step: callable  # guidance.ddpm_step, ddim_step or euler_step
-    step_kw: dict = field(default_factory=dict)
-    adapter_options: dict = field(default_factory=dict)
-
-
-def class_condition(num_classes, device):
-    """Trajectory i asks for class i mod num_classes: every class equally often (DiT: 4 per class)."""
-    return lambda idx: {"y": (idx % num_classes).to(device)}
-
-
-def class_null(null_class, device):
-    return lambda n: {"y": torch.full((n,), null_class, dtype=torch.long, device=device)}
-
-
-def setup_dit(model, args, step_kw):
-    cfg = model.config
-    return Setup(
-        model=model, shape=(cfg.in_channels, cfg.input_size, cfg.input_size), out_channels=cfg.out_channels,
-        condition=class_condition(cfg.num_classes, args.device), null=class_null(cfg.num_classes, args.device),
-        alphas_cumprod=guidance.linear_schedule(),
-        timesteps=guidance.spaced_timesteps(args.steps, spacing="iddpm"),  # DiT's respaced DDPM
-        step=guidance.ddpm_step, step_kw=step_kw,
-        # the paper's placement: every block's self-attention (Student picks `attn` in a DiT)
-        adapter_options=dict(hidden_dim=args.hidden_dim, num_heads=args.num_heads, use_timestep=args.use_timestep,
-                             num_classes=cfg.num_classes + 1 if args.use_class else 0, mlp_ratio=args.mlp_ratio,
-                             zero_at_w1=args.zero_at_w1, modulation=args.modulation))
-
-
-def setup_sd(weights, args):
-    """SD 2.1 / SDXL: the UNet, its prompt encoder and the repo's own scheduler (the inference sampler).
-
-    Trajectory i asks for prompt i mod P of --prompt-file; the null condition is the pipeline's
-    (the empty prompt for SD 2.1, zeros for SDXL).
-    """
-    model = unet.from_pretrained(weights, dtype=args.dtype, device=args.device)
-    model.gradient_checkpointing = bool(args.gradient_checkpointing)
-    encoder = prompts.PromptEncoder.from_pretrained(weights, dtype=args.dtype, device=args.device)
-    scheduler = guidance.scheduler_from_config(weights)
-    prompt_list = prompts.read_prompts(args.prompt_file)
-    cfg = model.config
-    size = args.resolution or 8 * (cfg.sample_size or 64)  # pixels; latents are 8x smaller (the VAE's factor)
-
-    def condition(idx):
-        return encoder([prompt_list[i % len(prompt_list)] for i in idx.tolist()], height=size, width=size)
-
-    return Setup(
-        model=model, shape=(cfg.in_channels, size // 8, size // 8), out_channels=cfg.out_channels,
-        condition=condition, null=lambda n: encoder.null(n, height=size, width=size),
-        alphas_cumprod=scheduler.alphas_cumprod, timesteps=scheduler.timesteps(args.steps),
-        step=scheduler.step, step_kw=scheduler.step_kw,
-        # the paper's placement: every transformer block's cross-attention attn2, down, mid and up
-        adapter_options=dict(hidden_dim=args.hidden_dim, num_heads=args.num_heads, use_timestep=args.use_timestep,
-                             mlp_ratio=args.mlp_ratio, zero_at_w1=args.zero_at_w1, prompt_dim=cfg.cross_attention_dim if args.use_prompt else 0))
-
-
-MODELS = {
-    # name: (default weights, defaults that differ from the paper's / the CLI's)
-    # tiny: a short run with a high learning rate; the adapters also see t and the class, scale their
-    # output by (w - 1), sit on the adaLN modulations too, and learn the guidance direction at every w
-    # alike (11 % of the base; README's tiny-world section says what each of these bought)
-    "tiny": ("assets/tiny-dit-mnist", dict(trajectories=1000, steps=25, train_steps=1500, batch_size=64, lr=5e-3,
-                                           hidden_dim=24, num_heads=4, mlp_ratio=1.0, use_timestep=True,
-                                           use_class=True, zero_at_w1=True, modulation=True, loss="guidance",
-                                           w_min=1.0, w_max=6.0)),
-    "dit": ("facebook/DiT-XL-2-256", dict(trajectories=4000, steps=250, keep_steps=50, train_steps=20000,
-                                          batch_size=32, lr=1e-4, hidden_dim=256, mlp_ratio=4.0, w_min=1.0,
-                                          w_max=6.0, gradient_checkpointing=True)),
-    # SD: 4 trajectories per prompt of the bundled file, 8 of 50 sampler steps stored; the official
-    # adapters' width 320 and 5,000 steps; batch sizes for a 24 GB GPU with gradient checkpointing
-    "sd21": ("stabilityai/stable-diffusion-2-1", dict(trajectories=500, steps=50, keep_steps=8, train_steps=5000,
-                                                      batch_size=32, lr=1e-4, hidden_dim=320, mlp_ratio=4.0,
-                                                      w_min=1.0, w_max=12.0, collect_batch=16,
-                                                      gradient_checkpointing=True)),
-    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", dict(trajectories=500, steps=50, keep_steps=8,
-                                                              train_steps=5000, batch_size=16, lr=1e-4,
-                                                              hidden_dim=320, mlp_ratio=4.0, w_min=1.0, w_max=12.0,
-                                                              collect_batch=4, gradient_checkpointing=True)),
-}
-
-
-def load_setup(args):
-    weights = args.weights or MODELS[args.model][0]
-    if args.model == "tiny" and not args.weights:
-        weights = ROOT / weights
-    if args.model in ("sd21", "sdxl"):
-        return setup_sd(weights, args)
-    model = dit.from_pretrained(weights, device=args.device, dtype=args.dtype)
-    model.gradient_checkpointing = bool(args.gradient_checkpointing)
-    return setup_dit(model, args, guidance.step_options_beside(weights))  # as sample.py samples
-
-
-def args_device(s):
-    return next(s.model.parameters()).device
-
-
-# -----------------------------------------------------------------------------
-# 1. collect CFG trajectories (Algorithm 1)
-
-
-def keep_indices(num_steps, keep):
-    """Which steps of a trajectory to store: all, or `keep` evenly spread from first to last."""
-    if keep is None or keep >= num_steps:
-        return list(range(num_steps))
-    return sorted({round(i * (num_steps - 1) / (keep - 1)) for i in range(keep)}) if keep > 1 else [num_steps - 1]
-
-
-@torch.no_grad()
-def collect_shard(s, idx, w, generator, keep):
-    """Sample trajectories `idx` with CFG at scales w; return the kept steps as one shard.
-
-    Rows are (x_t, t, target, w) of one step of one trajectory; the condition is stored once per
-    trajectory ("cond.*": a class label, or a prompt's embeddings) and rows point to it by "traj".
-    """
-    cond, null = s.condition(idx), s.null(len(idx))
-    x = torch.randn((len(idx), *s.shape), generator=generator, device=generator.device).to(args_device(s))
-    record = []
-    guidance.sample(guidance.guided(s.model, w.to(x.device), cond, null), x, s.alphas_cumprod, s.timesteps,
-                    step=s.step, generator=generator, record=record, **s.step_kw)
-    rows = [record[i] for i in keep_indices(len(record), keep)]
-    n, B = len(rows), len(idx)
-    shard = {
-        "x": torch.cat([r[0] for r in rows]).half().cpu(),  # (n*B, C, H, W)
-        "t": torch.tensor([r[1] for r in rows]).repeat_interleave(B),  # (n*B,)
-        "target": torch.cat([r[2] for r in rows]).half().cpu(),  # (n*B, C_out, H, W)
-        "w": w.repeat(n),  # (n*B,)
-        "traj": torch.arange(B).repeat(n),  # (n*B,) row -> its trajectory in this shard
-    }
-    for k, v in cond.items():  # once per trajectory, not per step
-        shard[f"cond.{k}"] = (v.half() if v.is_floating_point() else v).cpu()
-    return shard
-
-
-def make_shard(s, args, k, total=None):
-    """Shard k: trajectories k * shard_size ... (up to `total`), in batches of --collect-batch.
-
-    Its content depends only on (seed, k): collection resumes, and --online rebuilds its buffer.
-    """
-    g = torch.Generator(device=args_device(s)).manual_seed(args.seed * 100003 + k)
-    end = (k + 1) * args.shard_size if total is None else min((k + 1) * args.shard_size, total)
-    idx = torch.arange(k * args.shard_size, end)
-    w = args.w_min + (args.w_max - args.w_min) * torch.rand(len(idx), generator=g, device=g.device).cpu()
-    batch = args.collect_batch or len(idx)
-    return concat_shards([collect_shard(s, i, ws, g, args.keep_steps)
-                          for i, ws in zip(idx.split(batch), w.split(batch))])
-
-
-def trajectory_bytes(shape, out_channels, keep, cond_bytes):
-    """Bytes one stored trajectory takes: `keep` rows of fp16 x_t and target, int64 t, fp32 w, int64
-    trajectory index; and its condition once."""
-    pixels = math.prod(shape[1:])
-    return keep * (2 * shape[0] * pixels + 2 * out_channels * pixels + 8 + 4 + 8) + cond_bytes
-
-
-def official_trajectory_bytes(shape):
-    """What the official code stores per trajectory: all 1,000 steps' input and output in fp16."""
-    return OFFICIAL_STEPS * 2 * 2 * math.prod(shape)  # SDXL's 4 x 128 x 128 latents: 262 MB
-
-
-def print_storage(s, args, n_shards, folder):
-    """The storage a collection will take, before it starts."""
-    keep = len(keep_indices(len(s.timesteps), args.keep_steps))
-    cond = s.condition(torch.arange(1))
-    cond_bytes = sum(v[0].numel() * (2 if v.is_floating_point() else v.element_size()) for v in cond.values())
-    per = trajectory_bytes(s.shape, s.out_channels, keep, cond_bytes)
-    full = official_trajectory_bytes(s.shape)
-    print(f"collecting {args.trajectories} trajectories x {keep} of {len(s.timesteps)} steps: "
-          f"{per / 1e6:.2f} MB per trajectory ({full / per:.0f}x less than all {OFFICIAL_STEPS} steps in fp16, "
-          f"{full / 1e6:.0f} MB), {args.trajectories * per / 1e9:.2f} GB in {n_shards} shards -> {folder}")
-
-
-def collect(s, args, folder):
-    """Write shards of CFG trajectories to `folder`, skipping those already there (resume).
-
-    Under torchrun rank r writes shards r, r + world, ...; all wait for all before training.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    n_shards = math.ceil(args.trajectories / args.shard_size)
-    if args.rank == 0:
-        print_storage(s, args, n_shards, folder)
-    for k in tqdm(range(args.rank, n_shards, args.world), desc="collect", disable=args.rank != 0):
-        file = folder / f"shard_{k:05d}.safetensors"
-        if not file.is_file():
-            checkpoint.save_file(make_shard(s, args, k, args.trajectories), file)
-    if args.world > 1:
-        dist.barrier()
-
-
-def concat_shards(shards):
-    """Shards as one, rows re-pointed at their trajectories."""
-    out, offset = [], 0
-    for shard in shards:
-        out.append({**shard, "traj": shard["traj"] + offset})
-        offset += len(next(v for k, v in shard.items() if k.startswith("cond.")))
-    return {k: torch.cat([sh[k] for sh in out]) for k in out[0]}
-
-
-def load_shards(folder):
-    """All shards of a trajectory folder, concatenated; a corrupt shard raises an error that names it."""
-    files = sorted(folder.glob("shard_*.safetensors"))
-    if not files:
-        raise checkpoint.CheckpointError(f"{folder}: no trajectory shards")
-    return concat_shards([checkpoint.read_tensors(f) for f in files])
-
-
-def batch_condition(data, rows, device, dtype):
-    """The stored condition of each row's trajectory, as the denoiser takes it."""
-    cond = {}
-    for k, v in data.items():
-        if k.startswith("cond."):
-            v = v[data["traj"][rows]].to(device)
-            cond[k[len("cond."):]] = v.to(dtype) if v.is_floating_point() else v
-    return cond
-
-
-class OnlineBuffer:
-    """--online: CFG trajectories of the frozen base, generated while training; nothing is stored.
-
-    The teacher is the student's own base with the adapters disabled. Every --refresh-every steps a
-    new shard of --shard-size trajectories replaces the oldest of the --buffer-shards held. Shard k
-    is offline collection's shard k (rank r of W makes k * W + r), so a resumed run rebuilds the
-    buffer it had.
-    """
-
-    def __init__(self, s, student, args):
-        self.s, self.student, self.args = s, student, args
-        self.shards, self.data = {}, None
-
-    def __call__(self, step):
-        a = self.args
-        newest = step // a.refresh_every
-        wanted = range(max(0, newest - a.buffer_shards + 1), newest + 1)
-        if set(self.shards) != set(wanted):
-            self.shards = {k: self.shards.get(k) for k in wanted}
-            with self.student.disabled():
-                for k in wanted:
-                    if self.shards[k] is None:
-                        self.shards[k] = make_shard(self.s, a, k * a.world + a.rank)
-            self.data = concat_shards([self.shards[k] for k in wanted])
-        return self.data
-
-
-# -----------------------------------------------------------------------------
-# 2. train the adapters (Algorithm 2)
+class Training:
+    """The optimization: steps, batch, learning rate, loss, how often to checkpoint."""
+    train_steps: int
+    batch_size: int  # global: split across torchrun's ranks
+    lr: float
+    loss: str = "mse"  # see distillation_loss
+    save_every: int = 200
+    seed: int = 0
+    max_skips: int = 20  # fp16: stop after this many steps in a row that the loss scaler skipped
 
 
 def lr_lambda(total, warmup_frac=0.1):
@@ -358,14 +114,37 @@ def check_in_sync(params, world):
         raise RuntimeError(f"adapters differ across ranks after training: {[g.item() for g in gathered]}")
 
 
-def save_state(file, student, opt, sched, step, losses, scaler=None):
-    """Everything to resume training exactly, written atomically (temp file, then rename)."""
-    tmp = file.with_name(file.name + ".tmp")
-    torch.save({"adapters": student.adapter_state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "step": step, "losses": losses,
-                "scaler": scaler.state_dict() if scaler is not None else {}}, tmp)
-    tmp.replace(file)
-    (file.parent / "losses.json").write_text(json.dumps(losses))
+def save_state(file, student, opt, sched, step, losses, scaler=None, with_base=False, skipped=()):
+    """Everything to resume training exactly, written atomically (checkpoint.atomic_write); with_base: the
+    base's weights too, when they are trained (the whole-model baseline of bench/ablations_tiny.py)."""
+    with checkpoint.atomic_write(file) as f:
+        torch.save({"adapters": student.adapter_state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "step": step, "losses": losses,
+                    "scaler": scaler.state_dict() if scaler is not None else {}, "skipped": list(skipped),
+                    **({"base": student.model.state_dict()} if with_base else {})}, f)
+    with checkpoint.atomic_write(file.parent / "losses.json") as f:
+        f.write(json.dumps(losses).encode())
+
+
+def non_finite(loss, params, world):
+    """What of this step is not finite: "" (nothing), the loss or a gradient; under torchrun, on any rank."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # foreach: few kernels
+    bad = ~torch.isfinite(torch.stack([loss.detach().float(), norm]))  # a NaN or inf anywhere makes the norm one
+    if world > 1:
+        bad = bad.float()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    loss_bad, grad_bad = bad.tolist()
+    return "" if not (loss_bad or grad_bad) else f"{'the loss' if loss_bad else 'a gradient'} is not finite " \
+        f"(the loss is {loss.item():.4g})"
+
+
+def diverged(step, what, lr, state_file, saved, fp16):
+    """The one line that stops a diverged run: the step, what went wrong, what is kept, what to try."""
+    kept = (f"the last good checkpoint, {state_file} at step {saved}, is kept as it was" if saved else
+            "no checkpoint was written yet")
+    try_ = (f"try --dtype bfloat16 (with --resume) or a lower --lr than {lr:g} (with a new --out)" if fp16 else
+            f"try a lower --lr than {lr:g} (with a new --out)")
+    return f"training diverged at step {step}: {what}; {kept}, and no adapters file is written; {try_}"
 
 
 def load_state(file):
@@ -376,154 +155,119 @@ def load_state(file):
                                          "delete it to start over") from None
 
 
-def train(s, data, args, out):
-    """Fit adapters to the CFG targets by MSE; returns the student.
+def train(student, source, hp, out, resume=False, rank=0, world=1, params=None, signals=None):
+    """Fit the student's adapters (or `params`) to the CFG targets of `source(step)` (a dict of rows) by MSE.
 
-    `data` is the collected shards, or None for --online. The base runs in its own dtype (bf16 or
-    fp16) under autocast; the adapters keep fp32 weights, and fp16 gets a gradient scaler.
+    The base runs in its own dtype (bf16 or fp16) under autocast; the adapters keep fp32 weights,
+    and fp16 gets a gradient scaler. Each step runs the base model inside the student's scope, and
+    calls backward there too: gradient checkpointing re-runs the blocks, and their adapters, in it.
+
+    A non-finite loss or gradient stops the run (runs.Diverged) before it touches the checkpoint; in
+    fp16 the scaler skips such a step (an overflow) and halves its scale, and a run of `hp.max_skips`
+    of them stops it. A SIGINT / SIGTERM caught by `signals` (runs.Signals) ends the step, checkpoints
+    and raises runs.Interrupted.
     """
-    torch.manual_seed(args.seed)  # the adapters' initialization (and their random Fourier features)
-    student = adapters.attach(s.model, **s.adapter_options)  # fp32 adapters beside the frozen base
-    params = list(student.adapters.parameters())
-    opt = torch.optim.Adam(params, lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.train_steps))
-    device, dtype = args_device(s), next(s.model.parameters()).dtype
+    model = student.model
+    params = list(student.adapters.parameters()) if params is None else list(params)
+    with_base = any(p.requires_grad for p in model.parameters())  # the whole model trained, not adapters only
+    opt = torch.optim.Adam(params, lr=hp.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.train_steps))
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state_file, step, losses = out / "train_state.pt", 0, []
-    if args.resume and state_file.is_file():
+    state_file, step, losses, skipped = out / "train_state.pt", 0, [], []
+    if resume and state_file.is_file():
         state = load_state(state_file)
         student.load_adapter_state_dict(state["adapters"], source=str(state_file))
+        if with_base:
+            model.load_state_dict(state["base"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        step, losses = state["step"], state["losses"]
-        if args.rank == 0:
+        step, losses, skipped = state["step"], state["losses"], state.get("skipped", [])
+        if rank == 0:
             print(f"resumed from {state_file} at step {step}")
-    source = OnlineBuffer(s, student, args) if data is None else (lambda step: data)
-    n_adapter, n_base = student.num_parameters()
-    if args.rank == 0:
-        print(f"adapters: {n_adapter:,} parameters ({100 * n_adapter / n_base:.1f} % of the base's {n_base:,}); "
-              + ("online teacher" if data is None else f"{len(data['x']):,} training pairs")
-              + f"; base in {str(dtype).removeprefix('torch.')}, batch {args.batch_size} over {args.world} rank(s)")
-    per_rank = args.batch_size // args.world
-    bar = tqdm(range(step, args.train_steps), desc="train", initial=step, total=args.train_steps,
-               disable=args.rank != 0)
+    per_rank = hp.batch_size // world
+    saved = step  # the step of the checkpoint on disk (0: none)
+    bar = tqdm(range(step, hp.train_steps), desc="train", initial=step, total=hp.train_steps, disable=rank != 0)
     for step in bar:
         batch = source(step)
-        i = batch_rows(len(batch["x"]), per_rank, args.seed, args.rank, step)
+        i = batch_rows(len(batch["x"]), per_rank, hp.seed, rank, step)
         x, t = batch["x"][i].to(device, dtype), batch["t"][i].to(device)
         target, w = batch["target"][i].to(device).float(), batch["w"][i].to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            pred = student(x, t, w=w, **batch_condition(batch, i, device, dtype))
-        loss = distillation_loss(pred.float(), target, w, args.loss)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        average_gradients(params, args.world)
-        scaler.step(opt)
+        cond = trajectories.batch_condition(batch, i, device, dtype)
+        negative = trajectories.batch_condition(batch, i, device, dtype, "neg.") or None  # adapters that read it
+        with student.condition(w=w, t=t, negative=negative, **cond):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                pred = model(x, t, **cond)
+            loss = distillation_loss(pred.float(), target, w, hp.loss)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        average_gradients(params, world)
+        if not scaler.is_enabled() and (what := non_finite(loss, params, world)):
+            raise runs.Diverged(diverged(step, what, hp.lr, state_file, saved, fp16=False))
+        scale = scaler.get_scale()
+        scaler.step(opt)  # fp16: skipped if a gradient overflowed (Micikevicius et al. 2018, mixed precision)
         scaler.update()
-        sched.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.5f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        if (step + 1) % args.save_every == 0 and step + 1 < args.train_steps and args.rank == 0:
-            save_state(state_file, student, opt, sched, step + 1, losses, scaler)
-    student.release()
-    check_in_sync(params, args.world)
-    if device.type == "cuda" and args.rank == 0:  # what a GPU needs for this run's settings
+        with warnings.catch_warnings():  # fp16: a first step the scaler skipped is no wrong call order, as it warns
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            sched.step()
+        overflowed = scaler.get_scale() < scale  # the scaler skipped the step and halved its scale
+        if overflowed:
+            skipped.append(step)
+            if rank == 0:
+                bar.write(f"step {step}: float16 overflow, skipped (loss scale {scale:g} -> {scaler.get_scale():g})")
+            if (n := skipped_in_a_row(skipped, step + 1)) >= hp.max_skips:
+                raise runs.Diverged(diverged(step, f"{n} steps in a row overflowed in float16", hp.lr, state_file,
+                                             saved, fp16=True))
+        else:
+            losses.append(loss.item())
+        if step % 10 == 0 or overflowed:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.5f}" if losses else "-",
+                            lr=f"{sched.get_last_lr()[0]:.1e}", **({"skipped": len(skipped)} if skipped else {}))
+        stop = signals.requested(world, device) if signals is not None else 0
+        if ((step + 1) % hp.save_every == 0 or stop) and step + 1 < hp.train_steps:
+            if rank == 0:
+                save_state(state_file, student, opt, sched, step + 1, losses, scaler, with_base, skipped)
+            saved = step + 1
+        if stop and step + 1 < hp.train_steps:
+            raise runs.Interrupted(stop, f"stopped after step {step + 1} of {hp.train_steps}; the training state is "
+                                         f"saved in {state_file}")
+    check_in_sync(params, world)
+    if device.type == "cuda" and rank == 0:  # what a GPU needs for this run's settings
         print(f"peak GPU memory in training: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
               f"(batch {per_rank} per GPU)")
-    if args.rank == 0:
-        student.save(out / "adapters.safetensors", base=args.weights or MODELS[args.model][0])
-        save_state(state_file, student, opt, sched, args.train_steps, losses, scaler)
+    if skipped and rank == 0:
+        print(f"float16: {len(skipped)} of {hp.train_steps} steps skipped by the loss scaler (overflows), at steps "
+              + ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""))
+    if rank == 0:
+        save_state(state_file, student, opt, sched, hp.train_steps, losses, scaler, with_base, skipped)
     return student
 
 
-# -----------------------------------------------------------------------------
-# 3. evaluate in the tiny world
-
-
-@torch.no_grad()
-def generate(s, denoisers, n, seed, batch_size):
-    """n samples per method (sample i asks for class i mod 10), every method from the same noise.
-
-    Methods take turns batch by batch, so that a busy moment on the machine skews none of them;
-    seconds per image is the median over batches. Returns ({name: images}, {name: sec/image}).
-    """
-    images, seconds = {k: [] for k in denoisers}, {k: [] for k in denoisers}
-    for b, idx in enumerate(tqdm(torch.arange(n).split(batch_size), desc="evaluate")):
-        cond, null = s.condition(idx), s.null(len(idx))
-        for name, make in denoisers.items():
-            g = torch.Generator().manual_seed(seed * 1000 + b)  # the same noise for every method
-            x = torch.randn((len(idx), *s.shape), generator=g).to(args_device(s))
-            start = time.perf_counter()
-            images[name].append(guidance.sample(make(cond, null), x, s.alphas_cumprod, s.timesteps,
-                                                step=s.step, generator=g, **s.step_kw).cpu())
-            seconds[name].append((time.perf_counter() - start) / len(idx))
-    return {k: torch.cat(v) for k, v in images.items()}, {k: float(np.median(v)) for k, v in seconds.items()}
-
-
-def evaluate(s, student, args, reference=None):
-    """The teacher without guidance, with CFG and with adapters at each w: digit FID, accuracy, time.
-
-    `reference`: the digit FID's (mu, sigma) (default: the real digits'; a fine-tune's own style's).
-    """
-    import tiny  # the tiny world's classifier and digit FID
-
-    classifier = tiny.load_classifier()
-    reference = tiny.reference_statistics(classifier) if reference is None else reference
-    denoisers = {("base", 1.0): lambda cond, null: (lambda x, t: s.model(x, t, **cond))}
-    for w in args.eval_w:
-        denoisers[("cfg", w)] = lambda cond, null, w=w: guidance.guided(s.model, w, cond, null)
-        denoisers[("agd", w)] = lambda cond, null, w=w: (lambda x, t: student(x, t, w=w, **cond))
-    images, seconds = generate(s, denoisers, args.eval_samples, args.seed + 1, args.eval_batch)
-    labels = torch.arange(args.eval_samples) % 10
-    scores = {k: {"fid": tiny.digit_fid(classifier, v, reference), "accuracy": tiny.accuracy(classifier, v, labels),
-                  "sec_per_image": seconds[k]} for k, v in images.items()}
-    results, grids = [], {}
-    for w in args.eval_w:  # the unguided teacher is listed beside each w (it does not depend on w)
-        results += [{"method": m, "w": w, **scores[(m, 1.0 if m == "base" else w)]} for m in ("base", "cfg", "agd")]
-        grids[w] = [images[("base", 1.0)][:20], images[("cfg", w)][:20], images[("agd", w)][:20]]
-    return results, grids
-
-
-def save_grid(grids, file):
-    """Rows base / CFG / AGD for each w, same seeds in each column, labelled on the left."""
-    from PIL import Image, ImageDraw
-
-    scale, margin = 2, 90
-    rows = [(f"{name} w={w:g}" if name != "base" else "base", img)
-            for w, (b, c, a) in grids.items() for name, img in (("base", b), ("CFG", c), ("AGD", a))]
-    n = rows[0][1].shape[0]
-    size = rows[0][1].shape[-1] * scale
-    canvas = Image.new("L", (margin + n * size, len(rows) * size), 255)
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, images) in enumerate(rows):
-        draw.text((4, r * size + size // 2 - 6), label, fill=0)
-        pixels = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-        for c in range(n):
-            tile = Image.fromarray(pixels[c]).resize((size, size), Image.NEAREST)
-            canvas.paste(tile, (margin + c * size, r * size))
-    canvas.save(file)
-
-
-def print_table(results):
-    print(f"{'method':<6} {'w':>5} {'FID':>8} {'accuracy':>9} {'ms/image':>9}")
-    for r in results:
-        print(f"{r['method']:<6} {r['w']:>5.1f} {r['fid']:>8.3f} {r['accuracy']:>9.3f} {1000 * r['sec_per_image']:>9.2f}")
+def skipped_in_a_row(skipped, step):
+    """How many of the steps just before `step` the fp16 loss scaler skipped, in a row."""
+    n = 0
+    while n < len(skipped) and skipped[-1 - n] == step - 1 - n:
+        n += 1
+    return n
 
 
 # -----------------------------------------------------------------------------
 # CLI
 
 
+ADAPTER_OPTIONS = ("hidden_dim", "num_heads", "mlp_ratio", "use_timestep", "use_class", "use_prompt", "use_negative",
+                   "zero_at_w1", "modulation")  # the CLI's adapter flags, in AdapterConfig's names (use_*: see
+#                                                Base.adapter_options)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Distill classifier-free guidance into adapters (AGD): collect CFG trajectories of the "
                     "frozen base model, train guidance-conditioned adapters on them, evaluate (tiny world).")
-    p.add_argument("--model", choices=list(MODELS), default="tiny",
-                   help="tiny: the bundled MNIST DiT teacher (CPU, minutes); dit: DiT-XL/2; sd21: Stable "
-                        "Diffusion 2.1 (768 px, v); sdxl: SDXL base 1.0")
+    p.add_argument("--model", choices=list(families.FAMILIES), default="tiny",
+                   help="; ".join(f"{f.name}: {f.help}" for f in families.FAMILIES.values()))
     p.add_argument("--weights", help="hub id or local folder of the base model (default: the model's official one)")
     p.add_argument("--out", help="output folder (default: runs/<model>)")
     p.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: each rank's cuda:LOCAL_RANK)")
@@ -542,8 +286,17 @@ def parse_args(argv=None):
     g.add_argument("--prompt-file", default=str(ROOT / "prompts" / "agd_prompts.txt"),
                    help="SD: one prompt a line; trajectory i asks for prompt i mod their number")
     g.add_argument("--resolution", type=int, help="SD: image side in pixels (default: the UNet's native one)")
+    g.add_argument("--cfg-channels", type=lambda v: None if v == "all" else int(v), metavar="3|all",
+                   help="DiT: the latent channels CFG guides in the trajectories: all (default, as diffusers), or 3, "
+                        "as facebookresearch/DiT's forward_with_cfg and the official AGD code collect")
+    g.add_argument("--negatives", type=float, default=0.0, metavar="P",
+                   help="the share of trajectories whose CFG is against a random negative (DiT: another class; SD: "
+                        "a prompt of --negative-prompt-file) instead of the null condition; the adapters then also "
+                        "see the negative, so that sampling with one runs in one pass (default 0: none)")
+    g.add_argument("--negative-prompt-file", default=str(ROOT / "prompts" / "negative_prompts.txt"),
+                   help="SD with --negatives: one negative prompt a line")
     g.add_argument("--online", action="store_true",
-                   help="store nothing: generate trajectories while training (base with adapters disabled)")
+                   help="store nothing: generate trajectories while training (the base itself is the teacher)")
     g.add_argument("--buffer-shards", type=int, default=4, help="--online: shards held at once")
     g.add_argument("--refresh-every", type=int, default=50, help="--online: a new shard every N training steps")
     g = p.add_argument_group("training (Algorithm 2)")
@@ -559,7 +312,8 @@ def parse_args(argv=None):
                    help="condition the adapters on t too")
     g.add_argument("--use-class", action=argparse.BooleanOptionalAction, default=None,
                    help="DiT: condition the adapters on the class too")
-    g.add_argument("--use-prompt", action="store_true", help="SD: condition the adapters on the prompt tokens too")
+    g.add_argument("--use-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="SD: condition the adapters on the prompt tokens too")
     g.add_argument("--modulation", action=argparse.BooleanOptionalAction, default=None,
                    help="DiT: also adapt every adaLN modulation (ours; see adapters.py; default: on for tiny)")
     g.add_argument("--loss", choices=["mse", "guidance"], default=None,
@@ -570,19 +324,26 @@ def parse_args(argv=None):
                         "(default: on for dit, sd21 and sdxl)")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint the training state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    g = p.add_argument_group("LoRA (kohya-ss, diffusers or peft files: UNet and text encoders, or a DiT)")
+    g.add_argument("--lora", action="append", default=[], type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
+                   help="fused into the base after loading: trajectories are collected from, and the adapters "
+                        "trained beside, the LoRA'd base (multiplier default 1.0); repeat for several")
     g = p.add_argument_group("evaluation (tiny)")
     g.add_argument("--eval-w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
     g.add_argument("--eval-samples", type=int, default=500)
     g.add_argument("--eval-batch", type=int, default=100)
     g.add_argument("--no-eval", action="store_true")
+    g = p.add_argument_group("when things go wrong (README: When things go wrong)")
+    g.add_argument("--max-skips", type=int, default=Training.max_skips,
+                   help="float16: stop after this many steps in a row that the loss scaler skipped (overflows)")
     args = p.parse_args(argv)
-    for k, v in MODELS[args.model][1].items():  # the model's defaults where not given
-        if getattr(args, k) is None:
+    family = families.FAMILIES[args.model]
+    for k, v in {**families.OFFICIAL_ADAPTERS, **family.train}.items():  # the model's defaults where not given
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
-    for k, v in dict(num_heads=1, use_timestep=False, use_class=False, zero_at_w1=False, modulation=False,
-                     loss="mse").items():  # the official adapters'
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args.use_negative = args.negatives > 0
+    if not 0 <= args.negatives <= 1:
+        p.error(f"--negatives is a share of the trajectories, in [0, 1]; got {args.negatives}")
     args.out = Path(args.out or f"runs/{args.model}")
     args.dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args)
     args.rank, args.world = 0, int(os.environ.get("WORLD_SIZE", 1))
@@ -590,11 +351,19 @@ def parse_args(argv=None):
         p.error(f"need 1 <= --w-min <= --w-max, got {args.w_min}, {args.w_max}")
     if args.batch_size % args.world:
         p.error(f"--batch-size {args.batch_size} does not split over {args.world} ranks")
-    if args.model in ("sd21", "sdxl"):
+    if family.conditioning == "class" and args.use_prompt:
+        p.error(f"--use-prompt is for prompt-conditioned models; --model {args.model} takes a class (--use-class)")
+    if family.conditioning == "prompt":
+        if args.cfg_channels is not None:
+            p.error(f"--cfg-channels is for DiTs; --model {args.model} guides its whole prediction")
+        if args.use_class:
+            p.error(f"--use-class is for class-conditioned models; --model {args.model} takes a prompt (--use-prompt)")
         if args.modulation:
             p.error("--modulation is for DiTs (adaLN); a UNet takes its adapters beside attn2")
-        if not Path(args.prompt_file).is_file() or not prompts.read_prompts(args.prompt_file):
-            p.error(f"--prompt-file {args.prompt_file}: no such file, or no prompts in it")
+        for flag, file in (("--prompt-file", args.prompt_file),) + \
+                (("--negative-prompt-file", args.negative_prompt_file),) * args.use_negative:
+            if not Path(file).is_file() or not prompts.read_prompts(file):
+                p.error(f"{flag} {file}: no such file, or no prompts in it")
     return args
 
 
@@ -618,18 +387,98 @@ def init_distributed(args):
         torch.cuda.set_device(args.device)
 
 
+def collection_plan(args, family):
+    """The CLI's collection flags as a trajectories.Collection."""
+    return trajectories.Collection(
+        trajectories=args.trajectories, steps=args.steps, w_min=args.w_min, w_max=args.w_max,
+        keep_steps=args.keep_steps, shard_size=args.shard_size, batch=args.collect_batch, seed=args.seed,
+        prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None,
+        negative_prob=args.negatives, negative_prompts=prompts.read_prompts(args.negative_prompt_file)
+        if family.conditioning == "prompt" and args.negatives > 0 else None)
+
+
+def load_base(args):
+    """The frozen base model that --model, --weights and --lora name, set up for training adapters beside it."""
+    lora.check_files(args.lora)  # before the models load
+    base = families.load(args.model, args.weights, dtype=args.dtype, device=args.device,
+                         height=args.resolution, width=args.resolution, cfg_channels=args.cfg_channels)
+    lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good: the base is the LoRA'd one
+    base.model.gradient_checkpointing = bool(args.gradient_checkpointing)
+    return base
+
+
+# On --resume these may differ from the options the run was made with (and are said); any other is an error.
+MAY_CHANGE = {"train_steps", "save_every", "max_skips", "device", "dtype", "gradient_checkpointing", "world",
+              "eval_w", "eval_samples", "eval_batch", "no_eval"}
+# What the stored trajectory shards depend on: compared whenever they are reused, --resume or not.
+DATA = {"model", "weights", "seed", "trajectories", "steps", "keep_steps", "w_min", "w_max", "shard_size",
+        "collect_batch", "prompts", "resolution", "cfg_channels", "negatives", "negative_prompts"}
+
+
+def run_options(args, family):
+    """The options that made this run, as stored beside its checkpoint: prompts by their digest, not their file."""
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("out", "resume", "rank", "prompt_file", "negative_prompt_file")}
+    options["dtype"] = str(args.dtype).removeprefix("torch.") if args.dtype is not None else None
+    files = {"prompts": args.prompt_file, "negative_prompts": args.negative_prompt_file if args.negatives else None}
+    for key, file in files.items():
+        if family.conditioning == "prompt" and file is not None:
+            options[key] = hashlib.sha256("\n".join(prompts.read_prompts(file)).encode()).hexdigest()[:16]
+    return options
+
+
+def check_run(args, family, first_rank=True):
+    """Refuse options that conflict with what `args.out` holds: the run on --resume, else its trajectory shards."""
+    reused = any((args.out / "trajectories").glob("shard_*.safetensors")) and not args.online
+    options = run_options(args, family)
+    fixed = set(options) - MAY_CHANGE if args.resume else DATA if reused else set()
+    changed = runs.check_options(args.out, options, fixed, write=first_rank)
+    state = args.out / "train_state.pt"
+    if first_rank and args.resume and changed:
+        print(f"resuming with other options, which may change: {changed}")
+    elif first_rank and not args.resume and state.is_file():
+        print(f"note: training starts over; {state} is replaced at the first checkpoint (--resume continues it)")
+
+
 def main(args):
+    """Collect, train and evaluate into args.out: locked against a second run, options checked, signals caught."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    first_rank = int(os.environ.get("RANK", 0)) == 0  # torchrun's rank, before the process group exists
+    with runs.Lock(args.out) if first_rank else nullcontext(), runs.Signals() as signals:
+        check_run(args, families.FAMILIES[args.model], first_rank)
+        run(args, signals)
+
+
+def run(args, signals=None):
+    """The run itself: collect (or stream) trajectories, train, save the adapters, evaluate (tiny)."""
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    family = families.FAMILIES[args.model]
     init_distributed(args)
     try:
-        s = load_setup(args)
-        data = None
-        if not args.online:
-            collect(s, args, out / "trajectories")
-            data = load_shards(out / "trajectories")
-        student = train(s, data, args, out)
+        base = load_base(args)
+        plan = collection_plan(args, family)
+        if args.online:
+            source = trajectories.OnlineBuffer(base, plan, args.buffer_shards, args.refresh_every, args.rank,
+                                               args.world)
+        else:
+            trajectories.collect(base, plan, out / "trajectories", args.rank, args.world)
+            data = trajectories.load_shards(out / "trajectories")
+            source = lambda step: data  # noqa: E731
+        torch.manual_seed(args.seed)  # the adapters' initialization (and their random Fourier features)
+        options = base.adapter_options(**{k: getattr(args, k) for k in ADAPTER_OPTIONS})
+        student = adapters.attach(base.model, **options)  # fp32 adapters beside the frozen base
+        n_adapter, n_base = student.num_parameters()
+        if args.rank == 0:
+            dtype = str(next(base.model.parameters()).dtype).removeprefix("torch.")
+            print(f"adapters: {n_adapter:,} parameters ({100 * n_adapter / n_base:.1f} % of the base's {n_base:,}); "
+                  + ("online teacher" if args.online else f"{len(data['x']):,} training pairs")
+                  + f"; base in {dtype}, batch {args.batch_size} over {args.world} rank(s)")
+        hp = Training(args.train_steps, args.batch_size, args.lr, args.loss, args.save_every, args.seed, args.max_skips)
+        with signals.deferred() if signals is not None else nullcontext():  # a signal ends the step, checkpoints
+            train(student, source, hp, out, args.resume, args.rank, args.world, signals=signals)
+        if args.rank == 0:
+            student.save(out / "adapters.safetensors", base=base.weights, lora=lora.record(args.lora))
     finally:
         if args.world > 1:
             dist.destroy_process_group()
@@ -638,15 +487,17 @@ def main(args):
     if args.model != "tiny" or args.no_eval:
         print(f"adapters -> {out / 'adapters.safetensors'} ({(time.time() - start) / 60:.1f} min)")
         return
+    import tiny  # the tiny world's evaluation
+
     student.eval()
-    results, grids = evaluate(s, student, args)
-    metrics = {"results": results, "model": args.model, "weights": str(args.weights or MODELS[args.model][0]),
-               "trajectories": args.trajectories, "steps": args.steps, "train_steps": args.train_steps,
-               "eval_samples": args.eval_samples, "adapter_parameters": student.num_parameters()[0],
-               "base_parameters": student.num_parameters()[1], "minutes": (time.time() - start) / 60}
+    results, grids = tiny.evaluate(base, student, args.steps, args.eval_w, args.eval_samples, args.eval_batch,
+                                   args.seed + 1)
+    metrics = {"results": results, "model": args.model, "weights": base.weights, "trajectories": args.trajectories,
+               "steps": args.steps, "train_steps": args.train_steps, "eval_samples": args.eval_samples,
+               "adapter_parameters": n_adapter, "base_parameters": n_base, "minutes": (time.time() - start) / 60}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    save_grid(grids, out / "samples.png")
-    print_table(results)
+    tiny.save_grid(grids, out / "samples.png")
+    tiny.print_table(results)
     print(f"-> {out / 'metrics.json'}, {out / 'samples.png'} ({metrics['minutes']:.1f} min)")
 
 
@@ -654,5 +505,10 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         main(args)
-    except (checkpoint.CheckpointError, FileNotFoundError) as e:
+    except runs.Interrupted as e:
+        print(f"{e}. To continue: {runs.resume_command(sys.argv)}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except checkpoint.WriteError as e:  # a full disk: the files before it are intact
+        sys.exit(f"error: {e}; once there is room: {runs.resume_command(sys.argv)}")
+    except (checkpoint.CheckpointError, runs.RunError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

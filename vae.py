@@ -1,15 +1,17 @@
-"""The KL-f8 autoencoder of Stable Diffusion (Rombach et al., "High-Resolution Image Synthesis with
-Latent Diffusion Models", CVPR 2022): images <-> latents 8 times smaller per side, with 4 channels.
+"""The KL-f8 autoencoders of Stable Diffusion (Rombach et al., "High-Resolution Image Synthesis with
+Latent Diffusion Models", CVPR 2022): images <-> latents 8 times smaller per side, with 4 channels
+(SD 1.x, 2.x, SDXL) or 16 (SD3 and SD3.5: Esser et al. 2024, sec. 5.2.1, more channels for more detail).
 
     ae = vae.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")   # its vae/ subfolder
-    z = ae.encode(images)    # (B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8), times ae.scaling_factor
+    z = ae.encode(images)    # (B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8): (z - shift_factor) * scaling_factor
     images = ae.decode(z)    # and back: about [-1, 1], not clamped
 
-Latent convention: `encode` returns latents already multiplied by `scaling_factor` and `decode`
-expects them so; these are the latents the diffusion models denoise. (The factor gives the
-latents roughly unit variance: LDM paper, Sec. 4.3.2 and D.1.) diffusers' AutoencoderKL leaves
-the factor to its pipelines instead: `vae.encode(x).latent_dist.mode() * scaling_factor` equals
-our `encode(x)`, and `vae.decode(z / scaling_factor)` our `decode(z)`.
+Latent convention: `encode` returns latents already shifted by `shift_factor` (SD3's; 0 before
+it) and multiplied by `scaling_factor`, and `decode` expects them so; these are the latents the
+diffusion models denoise. (The factors give the latents roughly zero mean and unit variance: LDM
+paper, Sec. 4.3.2 and D.1.) diffusers' AutoencoderKL leaves them to its pipelines instead:
+`(vae.encode(x).latent_dist.mode() - shift_factor) * scaling_factor` equals our `encode(x)`, and
+`vae.decode(z / scaling_factor + shift_factor)` our `decode(z)`, as StableDiffusion3Pipeline decodes.
 
 Attribute names are diffusers' AutoencoderKL keys, so its safetensors load as they are; the one
 older naming of the attention weights that the SD 1.x / 2.x files still hold is renamed on load.
@@ -47,6 +49,9 @@ class VAEConfig:
     #                         are diffusers' default in its tiled decode
     scaling_factor: float = 0.18215  # latents are multiplied by it (SD 1.x / 2.x); absent from
     #                                  those older config.json files, where this is diffusers' default
+    shift_factor: float | None = None  # SD3: subtracted from the latents before the scaling; None: 0
+    use_quant_conv: bool = True  # the 1x1 convolutions around the latents (below); SD3's autoencoder has none
+    use_post_quant_conv: bool = True
     force_upcast: bool = True  # fp16 weights still compute in fp32; diffusers' default where
     #                            config.json does not say (SD 1.x / 2.x); SDXL's says true
 
@@ -230,17 +235,23 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         # 1x1 convolutions on the posterior's moments and on the latents; the names are a leftover
-        # of the VQ autoencoders (Esser et al. 2021) whose code the KL autoencoder shares.
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        # of the VQ autoencoders (Esser et al. 2021) whose code the KL autoencoder shares. SD3's
+        # has neither: an identity in their place, without weights.
+        L = cfg.latent_channels
+        self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1) if cfg.use_quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(L, L, 1) if cfg.use_post_quant_conv else nn.Identity()
 
     @property
     def scaling_factor(self):
         return self.config.scaling_factor
 
     @property
+    def shift_factor(self):
+        return self.config.shift_factor or 0.0
+
+    @property
     def dtype(self):
-        return self.post_quant_conv.weight.dtype
+        return self.decoder.conv_in.weight.dtype
 
     def _in_compute_dtype(self, *modules):
         """`modules` as functions, and the dtype they compute in: fp32 where force_upcast meets fp16 weights.
@@ -260,7 +271,7 @@ class AutoencoderKL(nn.Module):
         return [in_fp32(m) for m in modules], torch.float32
 
     def encode(self, x, generator=None, batch_size=None):
-        """Images (B, 3, H, W) in [-1, 1] -> latents (B, L, h, w) times scaling_factor.
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, L, h, w), less shift_factor, times scaling_factor.
 
         The posterior's mean, or with a `generator` a sample of it; `batch_size` encodes that many
         images at a time.
@@ -277,10 +288,10 @@ class AutoencoderKL(nn.Module):
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
             z = mean + std * noise.to(mean.device)
-        return z * self.scaling_factor
+        return (z - self.shift_factor) * self.scaling_factor
 
     def decode(self, z, batch_size=None, tile_size=None):
-        """Latents (B, L, h, w) times scaling_factor -> images (B, 3, H, W), about [-1, 1] (not clamped).
+        """Latents (B, L, h, w) as `encode` gives them -> images (B, 3, H, W), about [-1, 1] (not clamped).
 
         `batch_size` decodes that many latents at a time; `tile_size` (pixels, a multiple of 4f, e.g.
         config.sample_size as diffusers) decodes larger images in overlapping tiles whose seams are
@@ -296,7 +307,7 @@ class AutoencoderKL(nn.Module):
         if tile_size is not None and (tile_size <= 0 or tile_size % (4 * f)):
             raise ValueError(f"tile_size {tile_size}: expected a positive multiple of {4 * f} pixels "
                              f"(4 x the downsampling factor, so that tiles overlap by exactly a quarter)")
-        z = (z / self.scaling_factor).to(dtype)
+        z = (z / self.scaling_factor + self.shift_factor).to(dtype)  # as StableDiffusion3Pipeline (0 before SD3)
         images = []
         for part in z.split(batch_size or len(z)):
             if tile_size is not None and max(part.shape[-2:]) > tile_size // f:
@@ -352,6 +363,10 @@ VAE_models = {
     # stabilityai/stable-diffusion-xl-base-1.0, vae/: retrained (batch 256, EMA weights), so its
     # latents have another scale; it overflows fp16, hence force_upcast
     "sdxl": lambda: VAEConfig(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    # stabilityai/stable-diffusion-3-medium-diffusers, vae/ (and SD3.5's, the same): 16 channels,
+    # latents shifted then scaled, no 1x1 convolutions around them
+    "sd3": lambda: VAEConfig(latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+                             force_upcast=True, use_quant_conv=False, use_post_quant_conv=False),
 }
 
 
@@ -360,8 +375,7 @@ VAE_models = {
 
 # config.json keys of diffusers' AutoencoderKL that this file does not make configurable, and the
 # values the KL-f8 autoencoders have (keys newer than a file are absent from it: the same values)
-_FIXED = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
-          "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+_FIXED = {"act_fn": "silu", "latents_mean": None, "latents_std": None, "mid_block_add_attention": True}
 _BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 
 

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adapters  # noqa: E402
 import dit  # noqa: E402
+import families  # noqa: E402
 import guidance  # noqa: E402
 import unet  # noqa: E402
 
-ADAPTER_WIDTH = {"dit": 256, "sd21": 320, "sdxl": 320}  # the official adapters' hidden_dim
+MODELS = ["dit", "sd21", "sdxl"]  # families whose full-size architecture is built here
 
 
 def build(name, resolution, batch):
@@ -71,7 +72,7 @@ def bench(name, args):
     x = x.to(device, dtype)
     cond, null = ({k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in c.items()}
                   for c in (cond, null))
-    student = adapters.attach(model, hidden_dim=ADAPTER_WIDTH[name]).to(dtype=dtype)
+    student = adapters.attach(model, hidden_dim=families.FAMILIES[name].train["hidden_dim"]).to(dtype=dtype)
     for a in student.adapters:  # trained adapters are not zero; the cost is the same either way
         torch.nn.init.normal_(a.out_proj.weight, std=0.02)
     t, w = torch.full((args.batch,), 500, device=device), 5.0
@@ -90,7 +91,7 @@ def bench(name, args):
     side = x.shape[-1] * 8
     print(f"{name} {side} px, batch {args.batch}: {n_base / 1e6:.0f} M parameters, adapters "
           f"{n_adapter / 1e6:.1f} M ({100 * n_adapter / n_base:.1f} %) on {len(student.targets)} "
-          f"{student.config.target} modules; {args.runs} runs")
+          f"{student.targets[0].rsplit('.', 1)[-1]} modules; {args.runs} runs")
     print(f"  median s/step: CFG {med['cfg']:.3f}, AGD {med['agd']:.3f}, base {med['base']:.3f}; "
           f"AGD / CFG {med['agd'] / med['cfg']:.3f} (best runs {min(times['agd']) / min(times['cfg']):.3f}); "
           f"adapters' own cost {100 * (med['agd'] - med['base']) / med['base']:.1f} % of a forward pass "
@@ -108,7 +109,7 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(ADAPTER_WIDTH), default=list(ADAPTER_WIDTH))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
     parser.add_argument("--batch", type=int, default=1, help="B: images per step")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

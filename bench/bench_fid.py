@@ -40,7 +40,7 @@ def main(args):
     weights = fixtures.seeded_weights(fixtures.read_layout())
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(weights, Path(tmp) / "weights.pth")
-        ours = fid.load_inception(Path(tmp) / "weights.pth")
+        ours = inception.load_inception(Path(tmp) / "weights.pth")
     models = {"ours": ours}
     if args.pytorch_fid:
         inception, _ = fixtures.import_pytorch_fid(args.pytorch_fid)

@@ -2,13 +2,17 @@
 
     python train_agd.py                     # adapters of the bundled teacher -> runs/tiny/adapters.safetensors
     python bench/plug_and_play_tiny.py      # fine-tunes the teacher on thick digits first if runs/tiny-thick is missing
+    python tiny.py finetune --style thick --lora 8   # or a LoRA of it -> runs/tiny-thick-lora8/
+    python bench/plug_and_play_tiny.py --lora runs/tiny-thick-lora8/pytorch_lora_weights.safetensors
 
 Adapters are trained on a base model and, like a LoRA, are meant to load onto fine-tuned checkpoints
 of it (Jensen & Sadat 2025; DESIGN.md, "Adapters"). Here the tiny teacher is fine-tuned briefly on
 thickened digits (`python tiny.py finetune --style thick`), the adapters trained on the original are
 attached to it unchanged, and AGD is compared with the fine-tune's own CFG from the same noise
-(train_agd.evaluate): digit FID against the thickened real digits, and class accuracy. The original
+(tiny.evaluate): digit FID against the thickened real digits, and class accuracy. The original
 teacher with the same adapters is measured too, for reference, its FID against the plain digits.
+With --lora, the fine-tune is the teacher with that LoRA fused into it (lora.py), as sample.py --lora
+loads one.
 """
 
 import argparse
@@ -20,19 +24,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adapters  # noqa: E402
 import checkpoint  # noqa: E402
+import families  # noqa: E402
+import lora  # noqa: E402
 import tiny  # noqa: E402
-import train_agd  # noqa: E402
 
 STYLE = "thick"  # the fine-tune's style, and so its FID's reference set
 
 
-def measure(weights, adapters_file, reference, args):
-    """train_agd.evaluate on `weights` with the adapters attached: base, CFG and AGD at each w, same noise."""
-    eval_args = train_agd.parse_args(["--weights", str(weights), "--eval-w", *map(str, args.eval_w),
-                                      "--eval-samples", str(args.eval_samples)])  # the tiny defaults otherwise
-    s = train_agd.load_setup(eval_args)
-    student = adapters.load(s.model, adapters_file).eval()
-    results, _ = train_agd.evaluate(s, student, eval_args, reference)
+def measure(weights, adapters_file, reference, args, loras=()):
+    """tiny.evaluate on `weights` (with `loras` fused) with the adapters attached: base, CFG and AGD at each w,
+    same noise, as train_agd.py evaluates (its seed + 1, its sampler steps)."""
+    base = families.load("tiny", weights)
+    lora.apply(base.lora_models(), loras, undoable=False)
+    student = adapters.load(base.model, adapters_file).eval()
+    results, _ = tiny.evaluate(base, student, families.FAMILIES["tiny"].train["steps"], args.eval_w,
+                               args.eval_samples, seed=1, reference=reference)
     return results
 
 
@@ -45,25 +51,31 @@ def print_table(rows):
 
 def main(args):
     start = time.time()
-    adapters_file, folder = Path(args.adapters), Path(args.finetuned)
+    adapters_file, loras = Path(args.adapters), [args.lora] if args.lora else []
+    folder = args.lora[0].parent if loras else Path(args.finetuned)  # the fine-tune's, with its README
     out = Path(args.out or folder / "plug_and_play.json")
     if not adapters_file.is_file():
         raise FileNotFoundError(f"{adapters_file}: no such adapters file (train them with `python train_agd.py`)")
+    if loras and not args.lora[0].is_file():
+        raise FileNotFoundError(f"{args.lora[0]}: no such LoRA file (train one with `python tiny.py finetune "
+                                f"--style {STYLE} --lora 8`)")
     finetune_minutes = None
-    if not (folder / "transformer").is_dir():  # tiny.py writes the weights only when the fine-tune is done
+    if not loras and not (folder / "transformer").is_dir():  # tiny.py writes the weights only when done
         tiny.main(tiny.parse_args(["finetune", "--style", STYLE, "--steps", str(args.finetune_steps),
                                    "--out", str(folder)]))
         finetune_minutes = (time.time() - start) / 60
     classifier = tiny.load_classifier()
     digits, _ = tiny.load_digits()
     styled = tiny.reference_statistics(classifier, tiny.STYLES[STYLE](digits))
-    rows = [{"model": "fine-tuned", **r} for r in measure(folder, adapters_file, styled, args)]
+    weights, name = (tiny.TEACHER, "LoRA") if loras else (folder, "fine-tuned")
+    rows = [{"model": name, **r} for r in measure(weights, adapters_file, styled, args, loras)]
     rows += [{"model": "original", **r} for r in measure(tiny.TEACHER, adapters_file, None, args)]
     made_by = folder / "README.md"
     report = {"adapters": str(adapters_file), "finetuned": str(folder), "style": STYLE,
+              "lora": json.loads(lora.record(loras))[0] if loras else None,
               "finetuned_made_by": made_by.read_text().strip() if made_by.is_file() else None,
               "finetune_minutes": finetune_minutes, "eval_w": args.eval_w, "eval_samples": args.eval_samples,
-              "reference": {"fine-tuned": f"the 5,000 real digits, tiny.{tiny.STYLES[STYLE].__name__}",
+              "reference": {name: f"the 5,000 real digits, tiny.{tiny.STYLES[STYLE].__name__}",
                             "original": "the 5,000 real digits"},
               "results": rows, "minutes": (time.time() - start) / 60}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +92,13 @@ def parse_args(argv=None):
     p.add_argument("--finetuned", default=f"runs/tiny-{STYLE}",
                    help=f"the fine-tuned teacher; if missing, the bundled one is fine-tuned on {STYLE} digits into it")
     p.add_argument("--finetune-steps", type=int, default=500, help="steps of that fine-tune")
+    p.add_argument("--lora", type=lora.spec_argument, metavar="FILE[:MULTIPLIER]",
+                   help="the fine-tune is the bundled teacher with this LoRA (`python tiny.py finetune --style "
+                        f"{STYLE} --lora 8`), in place of --finetuned")
     p.add_argument("--eval-w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
     p.add_argument("--eval-samples", type=int, default=500)
-    p.add_argument("--out", default=None, help="json file (default: <finetuned>/plug_and_play.json)")
+    p.add_argument("--out", default=None, help="json file (default: <finetuned>/plug_and_play.json, or beside "
+                   "the LoRA file)")
     return p.parse_args(argv)
 
 

@@ -1,5 +1,7 @@
 """Adapters: a fresh student is the base model, disabled adapters give it back bit for bit, files round-trip."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -53,20 +55,24 @@ def test_disabled_adapters_give_the_base_model_bit_for_bit(modulation):
         student.enabled = False
         assert torch.equal(student(x, t, w=3.0, y=y), base)
         student.enabled = True
-        with student.disabled():
-            assert torch.equal(model(x, t, y=y), base)
-        assert torch.equal(model(x, t, y=y), base)  # no leftover condition after a no-grad call
+        with student.disabled():  # through the student, and inside a scope: only disabled() keeps them off
+            assert torch.equal(student(x, t, w=3.0, y=y), base)
+            with student.condition(w=3.0, t=t, y=y):
+                assert torch.equal(model(x, t, y=y), base)
+        assert torch.equal(student(x, t, w=3.0, y=y), guided)  # and they are back on
         student.detach()
-        assert torch.equal(model(x, t, y=y), base)
+        assert torch.equal(student(x, t, w=3.0, y=y), base)
 
 
 def test_training_touches_only_the_adapters():
     model = tiny_dit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, t, y = inputs()
+    with torch.no_grad():
+        base = model(x, t, y=y)
     student = adapters.attach(model, hidden_dim=16)
     assert all(not p.requires_grad for p in model.parameters())
     opt = torch.optim.Adam(student.adapters.parameters(), lr=1e-2)
-    x, t, y = inputs()
     for _ in range(3):
         loss = (student(x, t, w=torch.tensor([1.0, 2.0, 5.0]), y=y) - 1).pow(2).mean()
         opt.zero_grad()
@@ -74,9 +80,9 @@ def test_training_touches_only_the_adapters():
         opt.step()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert any(p.abs().sum() > 0 for p in (a.out_proj.weight for a in student.adapters))
-    student.release()
     with torch.no_grad():
-        assert torch.equal(model(x, t, y=y), dit.DiT.forward(model, x, t, y))
+        assert not torch.allclose(student(x, t, w=5.0, y=y), base)  # trained: the student moved
+        assert torch.equal(model(x, t, y=y), base)  # the base did not
 
 
 def test_adapters_follow_w():
@@ -131,15 +137,15 @@ def test_bad_options_are_named():
         adapters.attach(tiny_dit(), hidden_size=3)
     with pytest.raises(ValueError, match="lora"):
         adapters.attach(tiny_dit(), arch="lora")
-    with pytest.raises(ValueError, match="attn9"):
-        adapters.attach(tiny_dit(), target="attn9")
+    with pytest.raises(ValueError, match="target"):
+        adapters.attach(tiny_dit(), target="attn9")  # placement is the family's, not an option
 
 
 def test_placement_is_every_attention_block():
     model = tiny_dit()
     student = adapters.attach(model, hidden_dim=16)
     assert student.targets == ["blocks.0.attn", "blocks.1.attn"]
-    assert student.config.target == "attn"
+    assert [(s.kind, s.in_dim, s.out_dim) for s in student.sites] == [("tokens", 32, 32)] * 2
 
 
 def test_modulation_adds_an_additive_adapter_on_every_adaLN_modulation():
@@ -159,8 +165,8 @@ def test_modulation_adds_an_additive_adapter_on_every_adaLN_modulation():
             a.out_proj.weight.zero_(), a.out_proj.bias.zero_()
         assert not torch.allclose(student(x, t, w=3.0, y=y), model(x, t, y=y))
         assert not torch.allclose(student(x, t, w=3.0, y=y), with_modulation)
-    with pytest.raises(ValueError, match="adaLN_modulation"):
-        adapters.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)), target="0", modulation=True)
+    with pytest.raises(ValueError, match="no adapter placement is declared for Sequential"):
+        adapters.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)), modulation=True)
 
 
 def test_zero_at_w1_gives_the_conditional_model_at_w1():
@@ -202,9 +208,10 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients():
         randomize(student)
         calls = []
         model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
-        student(x, t, w=torch.tensor([1.5, 3.0, 5.0]), y=y).pow(2).mean().backward()
+        w = torch.tensor([1.5, 3.0, 5.0])
+        with student.condition(w=w, t=t, y=y):  # backward inside the scope: the re-run blocks see it
+            model(x, t, y=y).pow(2).mean().backward()
         assert len(calls) == (2 if flag else 1)  # checkpointed: the block ran again in backward
-        student.release()
         grads.append([p.grad for p in student.adapters.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -220,3 +227,105 @@ def test_a_bf16_student_runs_in_bf16():
     with torch.no_grad():
         out = student(x.to(torch.bfloat16), t, w=3.0, y=y)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# -----------------------------------------------------------------------------
+# no hidden state: the condition lives in an explicit scope
+
+
+def test_after_a_student_call_with_gradients_the_base_is_the_base():
+    model = tiny_dit()
+    x, t, y = inputs()
+    with torch.no_grad():
+        base = model(x, t, y=y)
+    student = adapters.attach(model, hidden_dim=16, use_timestep=True, num_classes=6, modulation=True)
+    randomize(student)
+    out = student(x, t, w=4.0, y=y)  # gradients on, the same batch size: nothing may linger after it
+    assert out.requires_grad and not torch.allclose(out.detach(), base)
+    assert torch.equal(model(x, t, y=y).detach(), base)
+    out.sum().backward()  # no checkpointing: the graph holds what backward needs
+    assert student.adapters[0].out_proj.weight.grad is not None
+
+
+def test_a_scope_conditions_the_base_and_nests():
+    model = tiny_dit()
+    x, t, y = inputs()
+    student = adapters.attach(model, hidden_dim=16)
+    randomize(student)
+    with torch.no_grad():
+        base = model(x, t, y=y)
+        at = {w: student(x, t, w=w, y=y) for w in (2.0, 5.0)}
+        with student.condition(w=2.0, t=t, y=y):
+            assert torch.equal(model(x, t, y=y), at[2.0])
+            with student.condition(w=5.0, t=t, y=y):
+                assert torch.equal(model(x, t, y=y), at[5.0])
+            assert torch.equal(model(x, t, y=y), at[2.0])
+            with pytest.raises(RuntimeError, match="holds a batch of 3 but blocks.0.attn runs a batch of 6"):
+                model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, y]))  # CFG's batch: not the student's
+        assert torch.equal(model(x, t, y=y), base)
+
+
+def test_a_teacher_and_a_student_share_one_base_in_one_graph():
+    """Step distillation's arrangement: the base alone (the teacher) and with adapters (the student)."""
+    model = tiny_dit()
+    x, t, y = inputs()
+    student = adapters.attach(model, hidden_dim=16, use_timestep=True, modulation=True)
+    randomize(student)
+    w = torch.tensor([1.5, 3.0, 5.0])
+    teacher_alone, student_alone = model(x, t, y=y).detach(), student(x, t, w=w, y=y).detach()
+    alone = torch.autograd.grad((student(x, t, w=w, y=y) - teacher_alone).pow(2).sum(), list(student.adapters.parameters()))
+    teacher = model(x, t, y=y)  # in the same graph as the student's pass, before and after it
+    s = student(x, t, w=w, y=y)
+    teacher_after = model(x, t, y=y)
+    assert torch.equal(teacher, teacher_alone) and torch.equal(teacher_after, teacher_alone)
+    assert torch.equal(s, student_alone)
+    together = torch.autograd.grad((s - teacher).pow(2).sum(), list(student.adapters.parameters()))
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(a, b)
+
+
+def test_two_students_on_one_base_act_each_in_its_own_scope():
+    model = tiny_dit()
+    x, t, y = inputs()
+    first = adapters.attach(model, hidden_dim=16)
+    second = adapters.attach(model, hidden_dim=8, arch="additive")
+    randomize(first), randomize(second)
+    with torch.no_grad():
+        base = model(x, t, y=y)
+        only_first = first(x, t, w=3.0, y=y)
+        only_second = second(x, t, w=3.0, y=y)
+        assert not torch.allclose(only_first, only_second)
+        both = adapters.call_with(model, first, second)(x, t, w=3.0, y=y)
+        assert not torch.allclose(both, only_first) and not torch.allclose(both, only_second)
+        assert torch.equal(model(x, t, y=y), base)
+
+
+def test_backward_outside_the_scope_with_checkpointing_fails_loudly():
+    """The one-call form runs its scope for the forward only: a re-run block could not see it, and torch says so."""
+    model = tiny_dit()
+    model.gradient_checkpointing = True
+    x, t, y = inputs()
+    student = adapters.attach(model, hidden_dim=16)
+    randomize(student)
+    out = student(x, t, w=3.0, y=y)
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        out.sum().backward()
+
+
+def test_a_site_the_model_lacks_is_named():
+    with pytest.raises(ValueError, match="DiT has no module 'blocks.7.attn'"):
+        adapters.attach(tiny_dit(), sites=[adapters.Site("blocks.7.attn", "tokens", 32, 32)])
+
+
+def test_files_saved_before_the_explicit_placement_still_load():
+    """tests/fixtures/adapters_format1.safetensors was saved by the adapters of before this design (with
+    its `target` option), with the output it gave."""
+    model = tiny_dit()
+    file = Path(__file__).parent / "fixtures" / "adapters_format1.safetensors"
+    student = adapters.load(model, file)
+    x, t, y = inputs()
+    with torch.no_grad():
+        out = student(x, t, w=torch.tensor([1.5, 3.0, 5.0]), y=y)
+    expected = checkpoint.read_tensors(file.with_name("adapters_format1_output.safetensors"))["out"]
+    assert torch.equal(out, expected)
+    assert not torch.allclose(out, model(x, t, y=y))  # the file's adapters do act

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 import dit
+from util import max_rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -30,8 +31,6 @@ def reference_dit(tmp_path, learn_sigma=True, num_layers=2, seed=0, **kw):
     return ref
 
 
-def max_rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("learn_sigma", [True, False])

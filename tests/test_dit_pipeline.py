@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import adapters
 import checkpoint
 import dit
+import families
+from util import max_rel_err
 import guidance
 import sample
 import vae
@@ -27,8 +29,6 @@ import vae
 diffusers = pytest.importorskip("diffusers")
 
 
-def max_rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # -----------------------------------------------------------------------------
@@ -285,6 +285,13 @@ def pipeline(tmp_path_factory):
 LABELS = [3, 999, 0]
 
 
+def sample_dit(base, labels, cfg_scale=None, steps=8, seed=0, student=None, w=None):
+    """sample.py's DiT path: x_T, then every step's noise, from one generator of `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(labels), *base.shape), generator=g)
+    return sample.sample_latents(base, labels, noise, steps, cfg_scale, student=student, w=w, generator=g)
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
 def test_class_to_image_matches_dit_pipeline(pipeline, cfg_scale):
     """DDIM: sample.py's whole path (load, sample, decode, to [0, 1]) against DiTPipeline on the same files."""
@@ -293,7 +300,7 @@ def test_class_to_image_matches_dit_pipeline(pipeline, cfg_scale):
                     num_inference_steps=8, output_type="pt").images  # (B, 3, H, W) in [0, 1]
     args = sample.parse_args(["--model", "dit", "--weights", str(root), "--classes", *map(str, LABELS),
                               "--cfg", str(cfg_scale), "--sampler", "ddim", "--steps", "8", "--device", "cpu"])
-    images, _, _ = sample.generate_dit(args, sample.MODELS["dit"])
+    images, _, _ = sample.generate(args, families.FAMILIES["dit"])
     assert images.shape == expected.shape == (3, 3, 16, 16)
     assert ((expected > 0) & (expected < 1)).float().mean() > 0.5  # not saturated: the clamp hides nothing
     assert (images - expected).abs().max() < 1e-4
@@ -310,7 +317,7 @@ def test_ddpm_learned_variance_matches_diffusers_scheduler(pipeline):
     steps, w = 10, 4.0
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
                                         beta_end=0.02, variance_type="learned_range", clip_sample=False)
-    scheduler.set_timesteps(timesteps=guidance.spaced_timesteps(steps, spacing="iddpm").tolist())
+    scheduler.set_timesteps(timesteps=families.dit_scheduler(root).timesteps(steps).tolist())  # DiT's own
     assert scheduler.timesteps.tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor(LABELS)
@@ -321,8 +328,7 @@ def test_ddpm_learned_variance_matches_diffusers_scheduler(pipeline):
             cond, uncond = out.sample.chunk(2)
             eps = uncond[:, :4] + w * (cond[:, :4] - uncond[:, :4])
             x = scheduler.step(torch.cat([eps, cond[:, 4:]], 1), t, x, generator=g).prev_sample
-    model = dit.from_pretrained(root)
-    ours = sample.sample_dit(model, labels, w, steps, "ddpm", torch.Generator().manual_seed(0))
+    ours = sample_dit(families.load("dit", root, sampler="ddpm"), labels, w, steps)
     assert max_rel_err(ours, x) < 1e-4
     ae = vae.from_pretrained(root)
     with torch.no_grad():
@@ -332,7 +338,8 @@ def test_ddpm_learned_variance_matches_diffusers_scheduler(pipeline):
 def test_passes_per_step(pipeline):
     """Adapters: one pass of B samples per step, at scale w; CFG: one pass of 2B; w = 1: one pass of B."""
     _, root = pipeline
-    model = dit.from_pretrained(root)
+    base = families.load("dit", root, sampler="ddim")
+    model = base.model
     student = adapters.attach(model, hidden_dim=8)
     with torch.no_grad():
         for p in student.adapters.parameters():  # trained-like: not the zero output of a fresh adapter
@@ -342,15 +349,15 @@ def test_passes_per_step(pipeline):
     labels = torch.tensor(LABELS)
 
     def run(**kw):
-        g = torch.Generator().manual_seed(0)
-        return sample.sample_dit(model, labels, steps=5, sampler="ddim", generator=g, **kw)
+        return sample_dit(base, labels, steps=5, **kw)
 
     a, b = run(student=student, w=2.0), run(student=student, w=5.0)
     assert batches == [3] * 10
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        by_hand = guidance.sample(lambda x, t: student(x, t, w=2.0, y=labels), x, guidance.linear_schedule(),
-                                  guidance.spaced_timesteps(5), step=guidance.ddim_step)
+        scheduler = guidance.Scheduler(guidance.VPSchedule(guidance.linear_schedule()), guidance.ddim_step,
+                                       dict(prediction_type="epsilon", clip_sample=None))  # DiTPipeline's
+        by_hand = guidance.sample(lambda x, t: student(x, t, w=2.0, y=labels), x, scheduler, scheduler.timesteps(5))
     assert torch.equal(a, by_hand)
     assert max_rel_err(a, b) > 1e-3
     batches.clear()

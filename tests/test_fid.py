@@ -22,6 +22,7 @@ from PIL import Image
 
 import checkpoint
 import fid
+import inception
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import make_fid_fixtures as fixtures  # noqa: E402
@@ -51,9 +52,9 @@ def weights_file(official_weights, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inception(weights_file):
+def network(weights_file):
     """Our network, loaded from the seeded weights file by the official-layout loader."""
-    return fid.load_inception(weights_file)
+    return inception.load_inception(weights_file)
 
 
 @pytest.fixture(scope="module")
@@ -167,15 +168,15 @@ def test_mismatched_statistics_are_rejected():
 # the network against pytorch-fid
 
 
-def test_features_equal_pytorch_fid(inception, folders, reference):
+def test_features_equal_pytorch_fid(network, folders, reference):
     assert reference["features_a"].std() > 0.1  # not a degenerate network: the comparison means something
     for folder, name in zip(folders, ("features_a", "features_b")):
         # batch size 5 where pytorch-fid used 4: batching must not matter
-        ours = fid.features(inception, folder, batch_size=5, num_workers=2, progress=False)
-        assert ours.shape == (fixtures.NUM_IMAGES, fid.FEATURE_DIM) and ours.dtype == np.float32
+        ours = fid.features(network, folder, batch_size=5, num_workers=2, progress=False)
+        assert ours.shape == (fixtures.NUM_IMAGES, inception.FEATURE_DIM) and ours.dtype == np.float32
         np.testing.assert_allclose(ours, reference[name], rtol=0, atol=1e-5)
     # A float tensor larger than 299 x 299: the resize shrinks it (where antialiasing would matter).
-    ours = fid.features(inception, fixtures.large_images(), progress=False)
+    ours = fid.features(network, fixtures.large_images(), progress=False)
     np.testing.assert_allclose(ours, reference["features_large"], rtol=0, atol=1e-5)
 
 
@@ -188,14 +189,14 @@ def test_cli_fid_of_two_folders_equals_pytorch_fid(weights_file, folders, refere
     assert float(printed[0].split()[1]) == pytest.approx(reference["fid_ab"], rel=1e-6)
 
 
-def test_images_of_different_sizes_are_resized_one_by_one(inception, tmp_path):
+def test_images_of_different_sizes_are_resized_one_by_one(network, tmp_path):
     rng = np.random.RandomState(3)
     small, large = rng.randint(0, 256, (20, 30, 3), np.uint8), rng.randint(0, 256, (40, 24, 3), np.uint8)
     write_png(tmp_path / "0.png", small)
     write_png(tmp_path / "1.png", large)
-    together = fid.features(inception, tmp_path, batch_size=2, progress=False)
+    together = fid.features(network, tmp_path, batch_size=2, progress=False)
     for i, pixels in enumerate((small, large)):
-        alone = fid.features(inception, torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255,
+        alone = fid.features(network, torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255,
                              progress=False)
         np.testing.assert_allclose(together[i], alone[0], rtol=0, atol=1e-5)
 
@@ -203,7 +204,7 @@ def test_images_of_different_sizes_are_resized_one_by_one(inception, tmp_path):
 def test_loader_is_strict_about_the_official_layout(official_weights, tmp_path):
     def load(state_dict):
         torch.save(state_dict, tmp_path / "w.pth")
-        return fid.load_inception(tmp_path / "w.pth")
+        return inception.load_inception(tmp_path / "w.pth")
 
     # Only fc (the classifier) and the batch-norm counters may be absent: FID reads neither.
     lean = {k: v for k, v in official_weights.items() if not k.startswith("fc.") and "num_batches" not in k}
@@ -217,12 +218,12 @@ def test_loader_is_strict_about_the_official_layout(official_weights, tmp_path):
         load({**lean, "Mixed_5b.branch_pool.conv.weight": torch.zeros(64, 192, 1, 1)})
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(checkpoint.CheckpointError, match="not a readable PyTorch weights file"):
-        fid.load_inception(tmp_path / "junk.pth")
+        inception.load_inception(tmp_path / "junk.pth")
 
 
 def test_full_network_matches_the_official_layout_key_for_key():
     with torch.device("meta"):
-        ours = {k: tuple(v.shape) for k, v in fid.FIDInceptionV3().state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in inception.FIDInceptionV3().state_dict().items()}
     official = {k: shape for k, shape, _ in fixtures.read_layout()
                 if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
     assert ours == official and sum(np.prod(s) for s in ours.values()) > 21_000_000
@@ -314,12 +315,12 @@ def test_fetch_weights_checks_the_hash_and_downloads_once(tmp_path):
     prefix = hashlib.sha256(source.read_bytes()).hexdigest()[:8]
     hub = tmp_path / "hub"
     with pytest.raises(checkpoint.CheckpointError, match="invalid hash value"):
-        fid.fetch_weights(source.as_uri(), sha256_prefix="00000000", folder=hub)
+        inception.fetch_weights(source.as_uri(), sha256_prefix="00000000", folder=hub)
     assert list(hub.iterdir()) == []  # nothing half-written left behind
-    file = fid.fetch_weights(source.as_uri(), sha256_prefix=prefix, folder=hub)
+    file = inception.fetch_weights(source.as_uri(), sha256_prefix=prefix, folder=hub)
     assert file == hub / source.name and file.read_bytes() == source.read_bytes()
     source.unlink()
-    assert fid.fetch_weights(source.as_uri(), sha256_prefix=prefix, folder=hub) == file  # no second download
+    assert inception.fetch_weights(source.as_uri(), sha256_prefix=prefix, folder=hub) == file  # no second download
 
 
 # -----------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def test_cli_save_stats_then_compare(tmp_path, capsys, monkeypatch):
     # An ADM reference batch: images, and the TF graph's statistics, which must not be mixed with ours.
     b_pixels = np.stack([np.array(Image.open(tmp_path / "b" / f"{i}.png")) for i in range(4)])
     np.savez(tmp_path / "adm_b.npz", b_pixels, mu=np.zeros(12), sigma=np.eye(12))
-    monkeypatch.setattr(fid, "load_inception", lambda weights, device: PoolFeatures())  # no 95 MB weights
+    monkeypatch.setattr(inception, "load_inception", lambda weights, device: PoolFeatures())  # no 95 MB weights
     common = ["--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
     assert run_cli(["--save-stats", str(tmp_path / "b"), str(tmp_path / "b.npz"), *common]) is None
     assert run_cli([str(tmp_path / "a"), str(tmp_path / "b.npz"), *common]) is None
@@ -354,7 +355,7 @@ def test_cli_errors_are_one_line(weights_file, tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("bad input must be reported before any weights are fetched")
 
-    monkeypatch.setattr(fid, "fetch_weights", no_download)
+    monkeypatch.setattr(inception, "fetch_weights", no_download)
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "000.png").write_bytes(b"not a png")

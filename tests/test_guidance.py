@@ -37,7 +37,7 @@ def test_ddpm_steps_match_diffusers(learned):
     ref = diffusers.DDPMScheduler(beta_schedule="linear", clip_sample=False,
                                   variance_type="learned_range" if learned else "fixed_small")
     ref.set_timesteps(timesteps=timesteps.tolist())
-    abar = guidance.linear_schedule()
+    ours = guidance.Scheduler(guidance.VPSchedule(guidance.linear_schedule()), guidance.ddpm_step)
     torch.manual_seed(0)
     g_ref, g_ours = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     for i, t in enumerate(timesteps.tolist()):
@@ -46,9 +46,9 @@ def test_ddpm_steps_match_diffusers(learned):
         if learned:
             out[:, 3:] = out[:, 3:].tanh()  # the model's variance interpolation lies in [-1, 1]
         x_ref = ref.step(out, t, x, generator=g_ref).prev_sample
-        t_prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
-        noise = torch.randn(x.shape, generator=g_ours) if t_prev >= 0 else None
-        x_ours = guidance.ddpm_step(abar, out, t, t_prev, x, noise=noise)
+        t_prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else None
+        noise = torch.randn(x.shape, generator=g_ours) if t_prev is not None else None
+        x_ours = ours.step(out, x, t, t_prev, noise=noise)
         assert (x_ours - x_ref).abs().max() < 1e-4 * x_ref.abs().max(), t
 
 
@@ -58,13 +58,14 @@ def test_ddim_steps_match_diffusers(prediction_type, eta):
     ref = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False, prediction_type=prediction_type,
                                   set_alpha_to_one=True)
     ref.set_timesteps(15)
-    abar = guidance.linear_schedule()
-    timesteps = guidance.spaced_timesteps(15)
+    ours = guidance.Scheduler(guidance.VPSchedule(guidance.linear_schedule()), guidance.ddim_step,
+                              dict(eta=eta, prediction_type=prediction_type))
+    timesteps = ours.timesteps(15)
     for i, t in enumerate(timesteps.tolist()):
         x, out, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
         x_ref = ref.step(out, t, x, eta=eta, variance_noise=noise if eta else None).prev_sample
-        t_prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
-        x_ours = guidance.ddim_step(abar, out, t, t_prev, x, noise=noise, eta=eta, prediction_type=prediction_type)
+        t_prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else None
+        x_ours = ours.step(out, x, t, t_prev, noise=noise)
         assert (x_ours - x_ref).abs().max() < 1e-4 * x_ref.abs().max(), t
 
 
@@ -91,12 +92,40 @@ def test_guided_batches_both_passes_into_one_call():
     assert torch.allclose(out, expected)
 
 
-def test_sample_records_the_trajectory():
-    abar = guidance.linear_schedule()
-    timesteps = guidance.spaced_timesteps(5)
-    record = []
-    x = guidance.sample(lambda x, t: torch.zeros_like(x), torch.randn(2, 1, 4, 4), abar, timesteps,
-                        step=guidance.ddim_step, record=record)
-    assert [r[1] for r in record] == timesteps.tolist()
-    assert all(r[0].shape == (2, 1, 4, 4) and r[2].shape == (2, 1, 4, 4) for r in record)
+def test_sample_reports_each_step_to_the_callback():
+    scheduler = guidance.Scheduler(guidance.VPSchedule(guidance.linear_schedule()), guidance.ddim_step)
+    timesteps = scheduler.timesteps(5)
+    seen, kept = [], []
+
+    def keep_two(step):  # the callback keeps what it wants, where it wants it
+        seen.append(step["i"])
+        if step["i"] in (0, 4):
+            kept.append((step["x"].half().cpu(), step["t"], step["out"].half().cpu()))
+
+    x = guidance.sample(lambda x, t: torch.zeros_like(x), torch.randn(2, 1, 4, 4), scheduler, timesteps,
+                        callback=keep_two)
+    assert seen == [0, 1, 2, 3, 4] and [k[1] for k in kept] == [timesteps[0].item(), timesteps[4].item()]
+    assert all(k[0].shape == (2, 1, 4, 4) and k[0].dtype == torch.float16 for k in kept)
     assert x.shape == (2, 1, 4, 4)
+
+
+def test_a_schedule_is_alpha_and_sigma():
+    abar = guidance.linear_schedule()
+    schedule = guidance.VPSchedule(abar)
+    for t in (0, 1, 500, 999):
+        alpha, sigma = schedule(t)
+        assert alpha == abar[t].item() ** 0.5 and abs(alpha**2 + sigma**2 - 1) < 1e-12  # variance preserving
+    alpha, sigma = schedule(499.5)  # a fractional timestep: between its neighbours, in log abar
+    assert schedule(500)[0] < alpha < schedule(499)[0]
+    assert abs(alpha**2 - (abar[499] * abar[500]).sqrt().item()) < 1e-12
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow"])
+def test_predictions_give_back_x0_and_eps(prediction_type):
+    """x = alpha x_0 + sigma eps, for VP (alpha^2 + sigma^2 = 1) and flow matching (alpha = 1 - sigma)."""
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    alpha, sigma = (0.3, 0.7) if prediction_type == "flow" else (0.6, 0.8)
+    x = alpha * x0 + sigma * eps
+    prediction = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "flow": eps - x0}[prediction_type]
+    got_x0, got_eps = guidance.predict_x0_eps(prediction, x, alpha, sigma, prediction_type)
+    torch.testing.assert_close(got_x0, x0), torch.testing.assert_close(got_eps, eps)

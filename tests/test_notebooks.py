@@ -39,6 +39,7 @@ def test_stored_without_outputs(name):
             assert cell.outputs == [] and cell.execution_count is None, f"{name}: cell {i} holds outputs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_runs_top_to_bottom(name):
     try:

@@ -66,3 +66,22 @@ def test_missing_adapters_is_one_line(tmp_path):
                           str(tmp_path / "none.safetensors")], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode != 0 and run.stderr.strip().count("\n") == 0
     assert "none.safetensors" in run.stderr and "train_agd.py" in run.stderr
+
+
+def test_script_measures_a_lora_of_the_teacher(tmp_path):
+    """--lora: the fine-tune is the teacher with the LoRA fused; nothing is fine-tuned, the report names the LoRA."""
+    import lora
+
+    file, lora_file = tmp_path / "adapters.safetensors", tmp_path / "thick-lora" / "lora.safetensors"
+    teacher = tiny.load_teacher()
+    adapters.attach(teacher, hidden_dim=8).save(file)
+    lora_file.parent.mkdir()
+    (lora_file.parent / "README.md").write_text("made by hand")
+    lora.save(lora.attach(teacher, lora.dit_modules(teacher), rank=2), lora_file)
+    report = plug_and_play.main(plug_and_play.parse_args(["--adapters", str(file), "--lora", f"{lora_file}:0.5",
+                                                          "--eval-w", "2", "--eval-samples", "20"]))
+    assert (lora_file.parent / "plug_and_play.json").is_file()
+    assert report["lora"]["file"] == str(lora_file) and report["lora"]["multiplier"] == 0.5
+    assert report["finetuned_made_by"] == "made by hand" and report["finetune_minutes"] is None
+    rows = {(r["model"], r["method"], r["w"]) for r in report["results"]}
+    assert rows == {(m, k, 2.0) for m in ("LoRA", "original") for k in ("base", "cfg", "agd")}

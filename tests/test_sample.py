@@ -17,6 +17,7 @@ from PIL import Image
 import adapters
 import checkpoint
 import dit
+import families
 import guidance
 import sample
 import tiny
@@ -59,9 +60,10 @@ def test_tiny_grid_holds_the_samples_in_order(tiny_teacher, tmp_path):
         "--cfg", "3", "--steps", "4", "--seed", "7", "--out", str(out))
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 28, 4 * 28)  # 4 columns, single channel
-    model = dit.from_pretrained(tiny_teacher)
-    x = sample.sample_dit(model, torch.tensor([0, 1, 2, 3, 9]), 3.0, 4, "ddpm", torch.Generator().manual_seed(7),
-                          prediction_type="v_prediction", clip_sample=1.0)  # as the teacher's scheduler config says
+    base = families.load("tiny", tiny_teacher)  # v-prediction, x_0 clipped, as the teacher's scheduler config says
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn((5, *base.shape), generator=g)
+    x = sample.sample_latents(base, torch.tensor([0, 1, 2, 3, 9]), noise, 4, 3.0, generator=g)
     expected = ((x / 2 + 0.5).clamp(0, 1) * 255).round().byte()[:, 0].numpy()  # (B, 28, 28)
     for i, image in enumerate(expected):
         r, c = divmod(i, 4)
@@ -72,12 +74,16 @@ def test_tiny_grid_holds_the_samples_in_order(tiny_teacher, tmp_path):
 
 def test_prediction_options_come_from_the_scheduler_config(tiny_teacher, dit_pipeline, tmp_path):
     v_clipped = {"prediction_type": "v_prediction", "clip_sample": 1.0}  # tiny.SCHEDULER_CONFIG
-    assert guidance.step_options_beside(tiny_teacher) == v_clipped
-    assert guidance.step_options_beside(tiny_teacher / "transformer") == v_clipped
+    options = lambda weights, sampler="ddpm": families.dit_scheduler(weights, sampler).options  # noqa: E731
+    assert options(tiny_teacher) == v_clipped == options(tiny_teacher, "ddim")
+    assert options(tiny_teacher / "transformer") == v_clipped
     dit_defaults = {"prediction_type": "epsilon", "clip_sample": None}
-    assert guidance.step_options_beside(dit_pipeline) == dit_defaults  # the hub's DDIM config: clip_sample false
-    assert guidance.step_options_beside("facebook/DiT-XL-2-256") == dit_defaults  # no local config: DiT's
-    assert guidance.step_options_beside(tmp_path / "DiT-XL-2-256x256.pt") == dit_defaults
+    assert options(dit_pipeline) == dit_defaults  # the hub's DDIM config: clip_sample false
+    assert options("facebook/DiT-XL-2-256") == dit_defaults  # no local config: DiT's
+    assert options(tmp_path / "DiT-XL-2-256x256.pt") == dit_defaults
+    ddpm, ddim = families.dit_scheduler(dit_pipeline, "ddpm"), families.dit_scheduler(dit_pipeline, "ddim")
+    assert (ddpm.step_fn, ddpm.timestep_spacing) == (guidance.ddpm_step, "iddpm")  # the paper's sampler
+    assert (ddim.step_fn, ddim.timestep_spacing, ddim.final) == (guidance.ddim_step, "leading", (1.0, 0.0))
 
 
 @pytest.mark.skipif(not (ROOT / "assets" / "tiny-dit-mnist").is_dir(), reason="tiny.py has not trained the teacher")
@@ -97,8 +103,8 @@ def test_output_names_the_file_and_the_time_per_step(tiny_teacher, tmp_path, cap
 
 
 def test_dit_with_adapters_is_the_student_decoded(dit_pipeline, tmp_path, capsys):
-    model = dit.from_pretrained(dit_pipeline)
-    student = adapters.attach(model, hidden_dim=8)
+    base = families.load("dit", dit_pipeline, sampler="ddim")
+    student = adapters.attach(base.model, hidden_dim=8)
     with torch.no_grad():
         for p in student.adapters.parameters():
             p.normal_(0, 0.5)
@@ -109,8 +115,9 @@ def test_dit_with_adapters_is_the_student_decoded(dit_pipeline, tmp_path, capsys
     assert "adapters at w=2.5, one pass" in capsys.readouterr().out
     grid = np.asarray(Image.open(out))
     assert grid.shape == (16, 2 * 16, 3)
-    z = sample.sample_dit(model, torch.tensor([1, 500]), steps=3, sampler="ddim",
-                          generator=torch.Generator().manual_seed(0), student=student, w=2.5)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn((2, *base.shape), generator=g)
+    z = sample.sample_latents(base, torch.tensor([1, 500]), noise, 3, student=student, w=2.5, generator=g)
     with torch.no_grad():
         images = (vae.from_pretrained(dit_pipeline).decode(z) / 2 + 0.5).clamp(0, 1)
     expected = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
@@ -127,7 +134,8 @@ def test_dit_with_adapters_is_the_student_decoded(dit_pipeline, tmp_path, capsys
     (["--model", "dit", "--classes", "999", "1000"], "class 1000 is out of range: .* has classes 0-999"),
     (["--model", "dit", "--image-size", "512"], "its images are 16 x 16 px, not 512"),
     (["--model", "tiny", "--image-size", "32"], "its images are 28 x 28 px, not 32"),
-    (["--model", "dit", "--adapters", "no/such/agd.safetensors"], "agd.safetensors: missing"),
+    (["--model", "dit", "--adapters", "no/such/agd.safetensors"], r"no/such/agd.safetensors: not in the hub cache .* no such local file"),
+    (["--model", "dit", "--adapters", "/no/such/agd.safetensors"], r"/no/such/agd.safetensors: no such file or folder, and not a hub id"),
     (["--model", "dit", "--adapters", "TINY_ADAPTERS"], r"tiny.safetensors: unexpected key blocks\.2\."),
 ])
 def test_bad_input_is_one_line(tiny_teacher, dit_pipeline, tmp_path, argv, message):

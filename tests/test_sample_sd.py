@@ -8,6 +8,7 @@
 - bad input (adapters of another model, a missing file, a size the autoencoder cannot make) is one line.
 """
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from PIL import Image
 import adapters
 import checkpoint
 import dit
+import families
 import guidance
 import sample
 import prompts
@@ -30,7 +32,7 @@ import vae
 
 diffusers = pytest.importorskip("diffusers")
 from safetensors.torch import load_file, save_file  # noqa: E402
-from tiny_pipelines import make_sd21, make_sdxl  # noqa: E402  (imports diffusers)
+from util import max_rel_err  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = 16  # pixels: the tiny pipelines' native size (8 x 8 latents; their autoencoders downsample 2x)
@@ -39,14 +41,9 @@ STEPS = 3
 PROMPTS = ["a photograph of an astronaut riding a horse", "a red cube on a blue sphere"]
 
 
-def max_rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {"sd21": make_sd21(root), "sdxl": make_sdxl(root)}
+def pipelines(sd21_root, sdxl_root):
+    return {"sd21": sd21_root, "sdxl": sdxl_root}
 
 
 def parse(name, root, *argv):
@@ -56,10 +53,9 @@ def parse(name, root, *argv):
 
 
 @torch.no_grad()
-def components(root):
-    """What sample_sd takes, loaded from the pipeline at root: UNet, prompt encoder, scheduler."""
-    return unet.from_pretrained(root), prompts.PromptEncoder.from_pretrained(root), \
-        guidance.scheduler_from_config(root)
+def load(name, root, height=SIDE, width=SIDE):
+    """What sample_latents takes, loaded from the pipeline at root: UNet, prompt encoder, scheduler."""
+    return families.load(name, root, height=height, width=width)
 
 
 def cells(grid, n, height, width):
@@ -115,20 +111,19 @@ def test_seed_to_images_matches_the_pipeline(pipelines, name, w, negative_prompt
     argv = [a for p in PROMPTS for a in ("--prompt", p)]
     argv += ["--num-images", str(num_images), "--height", str(height), "--width", str(width), "--cfg", str(w),
              "--seed", str(seed)] + (["--negative-prompt", negative_prompt] if negative_prompt else [])
-    images, _, _ = sample.generate_sd(parse(name, root, *argv), sample.MODELS[name])
+    images, _, _ = sample.generate(parse(name, root, *argv), families.FAMILIES[name])
     assert images.shape == expected_images.shape == (4, 3, height, width)
     assert ((expected_images > 0) & (expected_images < 1)).float().mean() > 0.5  # the clamp hides little
     assert (images - expected_images).abs().max() < 1e-4
 
-    # sample_sd itself, from the pipeline's x_T
-    model, prompt_encoder, scheduler = components(root)
-    prompts = [p for p in PROMPTS for _ in range(num_images)]
+    # sample_latents itself, from the pipeline's x_T
+    base = load(name, root, height, width)
+    batch = [p for p in PROMPTS for _ in range(num_images)]
     noise = torch.randn(4, 4, height // FACTOR, width // FACTOR, generator=torch.Generator().manual_seed(seed))
-    latents = sample.sample_sd(model, prompt_encoder, scheduler, prompts, noise, height, width, STEPS, w,
-                               negative_prompt)
+    latents = sample.sample_latents(base, batch, noise, STEPS, w, negative_prompt)
     assert max_rel_err(latents, expected_latents) < 1e-4
     assert max_rel_err(expected_latents, noise) > 0.1  # the sampler moved the latents: the comparison could fail
-    unguided = sample.sample_sd(model, prompt_encoder, scheduler, prompts, noise, height, width, STEPS, 1.0)
+    unguided = sample.sample_latents(base, batch, noise, STEPS, 1.0)
     assert max_rel_err(latents, unguided) > 1e-2  # and so did guidance, against the null or negative prompt
 
 
@@ -146,7 +141,7 @@ def test_the_grid_holds_the_images_in_order_and_the_time_per_step_is_printed(pip
                         rf"and null passes batched\) -> {re.escape(str(out))}", printed), printed
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * height, 4 * width, 3)  # 6 images in rows of 4
-    images, _, _ = sample.generate_sd(parse(name, root, *argv), sample.MODELS[name])
+    images, _, _ = sample.generate(parse(name, root, *argv), families.FAMILIES[name])
     assert np.array_equal(cells(grid, 6, height, width), as_bytes(images))  # cat, cat, dog, dog, cow, cow
     assert not grid[height:, 2 * width:].any()  # past the last image: black
     first, second = cells(grid, 2, height, width)
@@ -165,7 +160,8 @@ def attach(model):
 @pytest.mark.parametrize("name", ["sd21", "sdxl"])
 def test_fresh_adapters_are_the_conditional_model_in_one_pass(pipelines, tmp_path, capsys, name):
     root, file = pipelines[name], tmp_path / "agd.safetensors"
-    model, prompt_encoder, scheduler = components(root)
+    base = load(name, root)
+    model = base.model
     attach(model).save(file)
     sample.main(parse(name, root, "--adapters", str(file), "--w", "7.5", "--out", str(tmp_path / "agd.png")))
     assert "adapters at w=7.5, one pass" in capsys.readouterr().out
@@ -180,13 +176,13 @@ def test_fresh_adapters_are_the_conditional_model_in_one_pass(pipelines, tmp_pat
     model.register_forward_hook(lambda module, args, out: batches.append(len(args[0])))
     student.adapters[0].register_forward_hook(lambda module, args, out: adapter_calls.append(out))
     noise = torch.randn(2, 4, SIDE // FACTOR, SIDE // FACTOR, generator=torch.Generator().manual_seed(0))
-    run = [prompt_encoder, scheduler, PROMPTS, noise, SIDE, SIDE, STEPS]
-    agd = sample.sample_sd(model, *run, student=student, w=7.5)
+    run = [base, PROMPTS, noise, STEPS]
+    agd = sample.sample_latents(*run, student=student, w=7.5)
     assert batches == [2] * STEPS and len(adapter_calls) == STEPS
     assert all(not out.any() for out in adapter_calls)  # fresh: the adapters add zeros
-    assert torch.equal(agd, sample.sample_sd(model, *run, cfg_scale=1.0))
+    assert torch.equal(agd, sample.sample_latents(*run, cfg_scale=1.0))
     batches.clear()
-    sample.sample_sd(model, *run, cfg_scale=7.5)
+    sample.sample_latents(*run, cfg_scale=7.5)
     assert batches == [4] * STEPS
 
 
@@ -205,8 +201,8 @@ def fine_tune(root, dest):
 def test_adapters_of_the_base_sample_with_a_fine_tune(pipelines, tmp_path, capsys, name):
     root, file = pipelines[name], tmp_path / "agd.safetensors"
     tuned_root = fine_tune(root, tmp_path / "fine-tune")
-    base, prompt_encoder, scheduler = components(root)
-    student = attach(base)
+    base = load(name, root)
+    student = attach(base.model)
     with torch.no_grad():  # as if trained: they change the output
         for p in student.adapters.parameters():
             p.normal_(0, 0.5)
@@ -216,16 +212,16 @@ def test_adapters_of_the_base_sample_with_a_fine_tune(pipelines, tmp_path, capsy
                       "--out", str(out)))
     assert "adapters at w=3, one pass" in capsys.readouterr().out
 
-    tuned = unet.from_pretrained(tuned_root)
+    tuned = dataclasses.replace(base, model=unet.from_pretrained(tuned_root))  # the base's encoder and scheduler
     noise = torch.randn(1, 4, SIDE // FACTOR, SIDE // FACTOR, generator=torch.Generator().manual_seed(0))
-    run = [prompt_encoder, scheduler, PROMPTS[:1], noise, SIDE, SIDE, STEPS]
-    z = sample.sample_sd(tuned, *run, student=adapters.load(tuned, file), w=3.0)
+    run = [PROMPTS[:1], noise, STEPS]
+    z = sample.sample_latents(tuned, *run, student=adapters.load(tuned.model, file), w=3.0)
     with torch.no_grad():
         images = (vae.from_pretrained(tuned_root).decode(z) / 2 + 0.5).clamp(0, 1)
     assert np.array_equal(np.asarray(Image.open(out))[None], as_bytes(images))
     # the fine-tune's weights and the adapters both count: neither could have been left out unseen
-    assert max_rel_err(z, sample.sample_sd(base, *run, student=adapters.load(base, file), w=3.0)) > 1e-3
-    assert max_rel_err(z, sample.sample_sd(tuned, *run, cfg_scale=1.0)) > 1e-3
+    assert max_rel_err(z, sample.sample_latents(base, *run, student=adapters.load(base.model, file), w=3.0)) > 1e-3
+    assert max_rel_err(z, sample.sample_latents(tuned, *run, cfg_scale=1.0)) > 1e-3
 
 
 # -----------------------------------------------------------------------------
@@ -243,8 +239,8 @@ def sdxl_adapters(file, pipelines):
 @pytest.mark.parametrize("argv, message", [
     (["--adapters", "SDXL"], r"sdxl\.safetensors: missing key down_blocks\.0\.attentions\.0\.transformer_blocks\.0"
                              r"\.attn2\.condition\."),
-    (["--adapters", "DIT"], r"dit\.safetensors: these adapters do not fit .*sd21 \(no module named 'attn' in UNet"),
-    (["--adapters", "no/such/agd.safetensors"], r"agd\.safetensors: missing$"),
+    (["--adapters", "DIT"], r"dit\.safetensors: these adapters do not fit .*sd21 \(adapters for a DiT, not a UNet\)"),
+    (["--adapters", "no/such/agd.safetensors"], r"agd\.safetensors: not in the hub cache .* no such local file either$"),
     (["--adapters", "UNET"], "diffusion_pytorch_model.safetensors: not an adapters file"),
     (["--height", "15"], "--height 15: not a multiple of 2, the autoencoder's downsampling factor"),
     (["--height", "16", "--width", "9"], "--width 9: not a multiple of 2"),
@@ -283,8 +279,7 @@ def test_the_script_prints_one_line_not_a_traceback(pipelines, tmp_path):
     (["--model", "sd21", "--num-images", "0"], "--num-images must be at least 1"),
     (["--model", "sd21", "--width", "-8"], "--width must be positive"),
     (["--model", "sd21", "--adapters", "a.safetensors", "--cfg", "7.5"], "with --adapters give the scale as --w"),
-    (["--model", "sdxl", "--adapters", "a.safetensors", "--negative-prompt", "blurry"],
-     "adapters learned CFG against the null condition"),
+    (["--model", "sdxl", "--w-schedule", "interval:5:1"], "need 0 <= LOW < HIGH"),
 ])
 def test_bad_arguments_are_refused_by_the_parser(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
@@ -294,8 +289,8 @@ def test_bad_arguments_are_refused_by_the_parser(capsys, argv, message):
 
 def test_defaults_are_the_official_pipelines():
     sd21, sdxl = sample.parse_args(["--model", "sd21"]), sample.parse_args(["--model", "sdxl", "--adapters", "a"])
-    assert sample.MODELS["sd21"].weights == "stabilityai/stable-diffusion-2-1"
-    assert sample.MODELS["sdxl"].weights == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert families.FAMILIES["sd21"].weights == "stabilityai/stable-diffusion-2-1"
+    assert families.FAMILIES["sdxl"].weights == "stabilityai/stable-diffusion-xl-base-1.0"
     assert (sd21.steps, sd21.cfg, sd21.w, sd21.num_images) == (50, 7.5, None, 1)
     assert (sdxl.steps, sdxl.cfg, sdxl.w) == (50, None, 7.5)
     assert len(sd21.prompt) == 1 and sd21.negative_prompt is None and sd21.height is None  # size: the model's

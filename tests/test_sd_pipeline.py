@@ -5,7 +5,7 @@
 - euler_step and ddim_step with SD's final alpha equal diffusers' steps, one by one;
 - PromptEncoder, unet.from_pretrained, scheduler_from_config and guidance.sample with CFG equal
   StableDiffusionPipeline (DDIM; epsilon and v) and StableDiffusionXLPipeline (Euler; DDIM) on tiny
-  random pipelines saved to disk, from the same latents, to 1e-4; and what `record=` keeps at every
+  random pipelines saved to disk, from the same latents, to 1e-4; and what the callback sees at every
   step is what the pipeline's UNet was given, and the guided prediction it made of the output.
 """
 
@@ -21,22 +21,8 @@ import prompts
 import unet
 
 diffusers = pytest.importorskip("diffusers")
-from tiny_pipelines import make_sd21, make_sdxl  # noqa: E402  (imports diffusers)
-
-# scheduler/scheduler_config.json of stabilityai/stable-diffusion-2-1 and stable-diffusion-xl-base-1.0
-SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-                  "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
-                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
-SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-                  "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-                  "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-                  "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
-
-
-def max_rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+from tiny_pipelines import SD21_SCHEDULER, SDXL_SCHEDULER  # noqa: E402  (imports diffusers)
+from util import max_rel_err  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -50,17 +36,17 @@ def max_rel_err(a, b):
 def test_official_scheduler_configs_read_as_diffusers_reads_them(config, reference, step):
     ref = reference.from_config(config)
     s = guidance.scheduler_from_config(config)
-    assert s.step is step
+    assert s.step_fn is step
     assert torch.allclose(s.alphas_cumprod.float(), ref.alphas_cumprod, rtol=1e-6)
     for n in (1, 4, 7, 25, 50, 1000):
         ref.set_timesteps(n)
         assert torch.equal(s.timesteps(n).to(ref.timesteps.dtype), ref.timesteps), n
     if step is guidance.ddim_step:  # SD 2.1: v-prediction, no clipping, the last step stops at abar_0
         assert ref.final_alpha_cumprod < 1
-        assert s.step_kw == dict(prediction_type="v_prediction", clip_sample=None,
-                                 final_alpha_cumprod=pytest.approx(ref.final_alpha_cumprod.item(), rel=1e-6))
+        assert s.options == dict(prediction_type="v_prediction", clip_sample=None)
+        assert s.final[0] ** 2 == pytest.approx(ref.final_alpha_cumprod.item(), rel=1e-6)  # (alpha, sigma) of abar_0
     else:
-        assert s.step_kw == dict(prediction_type="epsilon")
+        assert s.options == dict(prediction_type="epsilon") and s.final == (1.0, 0.0)
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "DDPMScheduler"])
@@ -70,11 +56,11 @@ def test_keys_a_config_leaves_out_take_diffusers_defaults(name):
     s = guidance.scheduler_from_config({"_class_name": name})
     assert (s.timestep_spacing, s.steps_offset) == (ref.config.timestep_spacing, ref.config.steps_offset)
     assert torch.allclose(s.alphas_cumprod.float(), ref.alphas_cumprod, rtol=1e-6)
-    assert s.step_kw["prediction_type"] == ref.config.prediction_type
+    assert s.options["prediction_type"] == ref.config.prediction_type
     if name != "EulerDiscreteScheduler":
-        assert s.step_kw["clip_sample"] == ref.config.clip_sample_range
+        assert s.options["clip_sample"] == ref.config.clip_sample_range
     if name == "DDIMScheduler":
-        assert s.step_kw["final_alpha_cumprod"] == ref.final_alpha_cumprod == 1
+        assert s.final[0] ** 2 == ref.final_alpha_cumprod == 1
 
 
 def test_trained_betas_give_the_schedule():
@@ -92,7 +78,7 @@ def test_a_pipeline_folder_and_its_scheduler_file_read_alike(tmp_path):
     file.write_text(json.dumps(SD21_SCHEDULER))
     for where in (tmp_path, tmp_path / "scheduler", file):
         s = guidance.scheduler_from_config(where)
-        assert s.step is guidance.ddim_step and s.step_kw["prediction_type"] == "v_prediction"
+        assert s.step_fn is guidance.ddim_step and s.options["prediction_type"] == "v_prediction"
         assert torch.equal(s.timesteps(4), torch.tensor([751, 501, 251, 1]))
     assert guidance.read_scheduler_config(tmp_path) == SD21_SCHEDULER
 
@@ -125,7 +111,7 @@ def test_scheduler_config_file_errors(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no such folder"):
         guidance.scheduler_from_config(tmp_path / "missing")
     # null is how diffusers' files say "the default"
-    assert guidance.scheduler_from_config({**SDXL_SCHEDULER, "use_karras_sigmas": None}).step is guidance.euler_step
+    assert guidance.scheduler_from_config({**SDXL_SCHEDULER, "use_karras_sigmas": None}).step_fn is guidance.euler_step
 
 
 # -----------------------------------------------------------------------------
@@ -152,10 +138,11 @@ def test_euler_steps_match_diffusers(prediction_type, spacing, steps):
         x_sigma = x * (sigma**2 + 1) ** 0.5
         assert max_rel_err(ref.scale_model_input(x_sigma, ref.timesteps[i]), x) < 1e-6
         expected = ref.step(out, ref.timesteps[i], x_sigma).prev_sample / (sigma_prev**2 + 1) ** 0.5
-        t_prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
-        ours = s.step(s.alphas_cumprod, out, t, t_prev, x, **s.step_kw)
+        t_prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else None
+        ours = s.step(out, x, t, t_prev)
         assert max_rel_err(ours, expected) < 1e-5, t
-        ddim = guidance.ddim_step(s.alphas_cumprod, out, t, t_prev, x, prediction_type=prediction_type)
+        ddim = guidance.ddim_step(out, x, s.schedule(t), s.schedule(t_prev) if t_prev is not None else (1.0, 0.0),
+                                  prediction_type=prediction_type)
         assert max_rel_err(ours, ddim) < 1e-5, t
 
 
@@ -173,11 +160,10 @@ def test_ddim_steps_with_sds_final_alpha_match_diffusers(prediction_type, clip_s
     for i, t in enumerate(timesteps.tolist()):
         x, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
         expected = ref.step(out, t, x).prev_sample
-        t_prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
-        assert max_rel_err(s.step(s.alphas_cumprod, out, t, t_prev, x, **s.step_kw), expected) < 1e-5, t
+        t_prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else None
+        assert max_rel_err(s.step(out, x, t, t_prev), expected) < 1e-5, t
     # the default (stop at the clean sample) would not have matched that last step
-    kw = {**s.step_kw, "final_alpha_cumprod": 1.0}
-    assert max_rel_err(guidance.ddim_step(s.alphas_cumprod, out, t, -1, x, **kw), expected) > 1e-3
+    assert max_rel_err(guidance.ddim_step(out, x, s.schedule(t), (1.0, 0.0), **s.options), expected) > 1e-3
 
 
 # -----------------------------------------------------------------------------
@@ -189,13 +175,9 @@ PROMPTS = ["a photograph of an astronaut riding a horse", "a red cube on a blue 
 
 
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    """The tiny SD 2.1 and SDXL pipelines, with the hub repos' scheduler configs verbatim."""
-    root = tmp_path_factory.mktemp("pipelines")
-    roots = {"sd2.1": make_sd21(root), "sdxl": make_sdxl(root)}
-    for name, config in (("sd2.1", SD21_SCHEDULER), ("sdxl", SDXL_SCHEDULER)):
-        (roots[name] / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
-    return roots
+def pipelines(sd21_root, sdxl_root):
+    """The tiny SD 2.1 and SDXL pipelines (with the hub repos' scheduler configs verbatim)."""
+    return {"sd2.1": sd21_root, "sdxl": sdxl_root}
 
 
 def with_scheduler(root, dest, **changes):
@@ -226,7 +208,7 @@ def diffusers_latents(root, latents, w, xl):
 
 
 @torch.no_grad()
-def our_latents(root, latents, w, record):
+def our_latents(root, latents, w, seen):
     """Prompt to latents with this library: the composition sample.py and train_agd.py make for SD.
 
     Our loop runs in the VP space x_t; diffusers' DDIM starts from the given latents as they are, and
@@ -238,8 +220,8 @@ def our_latents(root, latents, w, record):
     cond, null = pe(PROMPTS, height=SIDE, width=SIDE), pe.null(len(PROMPTS), height=SIDE, width=SIDE)
     # w = 1 is the conditional model, one pass, as the pipelines run it
     denoise = guidance.guided(model, w, cond, null) if w != 1 else (lambda x, t: model(x, t, **cond))
-    x = guidance.sample(denoise, latents, s.alphas_cumprod, s.timesteps(STEPS), step=s.step, record=record,
-                        **s.step_kw)
+    x = guidance.sample(denoise, latents, s, s.timesteps(STEPS),
+                        callback=lambda step: seen.append((step["x"], step["t"], step["out"])))
     return x, cond, null
 
 
@@ -261,16 +243,16 @@ def test_prompt_to_latents_matches_diffusers(pipelines, tmp_path, name, changes,
     xl = name == "sdxl"
     latents = torch.randn(len(PROMPTS), 4, SIDE // 2, SIDE // 2, generator=torch.Generator().manual_seed(0))
     expected, calls = diffusers_latents(root, latents, w, xl)
-    record = []
-    ours, cond, null = our_latents(root, latents, w, record)
+    seen = []
+    ours, cond, null = our_latents(root, latents, w, seen)
     assert ours.shape == expected.shape == latents.shape
     assert max_rel_err(ours, expected) < 1e-4
     assert max_rel_err(expected, latents) > 0.1  # the sampler moved the latents: the comparison could fail
 
-    # the trajectory: at every step, record holds the UNet's input and the guided prediction it gave
-    assert len(calls) == len(record) == STEPS
+    # the trajectory: at every step, the callback sees the UNet's input and the guided prediction it gave
+    assert len(calls) == len(seen) == STEPS
     n = len(PROMPTS)
-    for (x_ref, t_ref, context, added, out), (x, t, target) in zip(calls, record):
+    for (x_ref, t_ref, context, added, out), (x, t, target) in zip(calls, seen):
         assert int(t_ref) == t
         assert max_rel_err(x, x_ref[-n:]) < 1e-4
         if w == 1:

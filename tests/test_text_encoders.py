@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import checkpoint
 import prompts
 import text_encoders as te
-from tiny_pipelines import CLIP_ASSETS, PAD_BANG, PAD_EOT, make_sd21, make_sdxl, tiny_text_config
+from tiny_pipelines import CLIP_ASSETS, PAD_BANG, PAD_EOT, make_sdxl, tiny_text_config
 
 HARD_PROMPTS = [
     "",
@@ -303,14 +303,14 @@ CLOSE = dict(atol=1e-6, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def sd21(tmp_path_factory):
-    root = make_sd21(tmp_path_factory.mktemp("sd21"))
+def sd21(sd21_root):
+    root = sd21_root
     return root, StableDiffusionPipeline.from_pretrained(root), prompts.PromptEncoder.from_pretrained(root)
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    root = make_sdxl(tmp_path_factory.mktemp("sdxl"))
+def sdxl(sdxl_root):
+    root = sdxl_root
     return root, StableDiffusionXLPipeline.from_pretrained(root), prompts.PromptEncoder.from_pretrained(root)
 
 

@@ -15,11 +15,12 @@ import torch
 import adapters
 import checkpoint
 import dit
+import families
 import guidance
 import prompts
 import train_agd
+import trajectories
 import unet
-from tiny_pipelines import make_sd21, make_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ["--trajectories", "4", "--steps", "3", "--keep-steps", "2", "--shard-size", "2", "--collect-batch", "1",
@@ -27,11 +28,10 @@ TOY = ["--trajectories", "4", "--steps", "3", "--keep-steps", "2", "--shard-size
 
 
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipelines")
-    prompts = tmp / "prompts.txt"
-    prompts.write_text("# three prompts\na red fox in the snow\n\na lighthouse at night\na bowl of ramen\n")
-    return {"sd21": make_sd21(tmp), "sdxl": make_sdxl(tmp), "prompts": prompts}
+def pipelines(tmp_path_factory, sd21_root, sdxl_root):
+    prompt_file = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    prompt_file.write_text("# three prompts\na red fox in the snow\n\na lighthouse at night\na bowl of ramen\n")
+    return {"sd21": sd21_root, "sdxl": sdxl_root, "prompts": prompt_file}
 
 
 def tiny_dit(folder):
@@ -60,7 +60,7 @@ def test_sd_collect_train_sample(tmp_path, pipelines, model, dtype):
                "--dtype", dtype, *extra)
     assert args.gradient_checkpointing  # the SD default
 
-    data = train_agd.load_shards(tmp_path / "trajectories")
+    data = trajectories.load_shards(tmp_path / "trajectories")
     assert len(data["x"]) == 4 * 2 and data["x"].dtype == torch.float16 and data["x"].shape[1:] == (4, 8, 8)
     assert 1.0 <= data["w"].min() and data["w"].max() <= 12.0
     keys = {"cond.context"} | ({"cond.text_embeds", "cond.time_ids"} if model == "sdxl" else set())
@@ -82,8 +82,8 @@ def test_sd_collect_train_sample(tmp_path, pipelines, model, dtype):
     scheduler = guidance.scheduler_from_config(root)
     cond = prompts.PromptEncoder.from_pretrained(root)(["a red fox in the snow"], height=64, width=64)
     with torch.no_grad():
-        x = guidance.sample(lambda x, t: student(x, t, w=5.0, **cond), torch.randn(1, 4, 8, 8),
-                            scheduler.alphas_cumprod, scheduler.timesteps(3), step=scheduler.step, **scheduler.step_kw)
+        x = guidance.sample(lambda x, t: student(x, t, w=5.0, **cond), torch.randn(1, 4, 8, 8), scheduler,
+                            scheduler.timesteps(3))
     assert x.shape == (1, 4, 8, 8) and torch.isfinite(x).all()
 
 
@@ -91,17 +91,17 @@ def test_real_models_default_to_a_bf16_base_with_fp32_adapters(tmp_path, pipelin
     args = train_agd.parse_args(["--model", "sd21", "--weights", str(pipelines["sd21"]), "--out", str(tmp_path),
                                  "--prompt-file", str(pipelines["prompts"]), *TOY])
     assert args.dtype == torch.bfloat16  # the default for the real models
-    s = train_agd.load_setup(args)
-    assert s.model.gradient_checkpointing
-    student = adapters.attach(s.model, **s.adapter_options)
-    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in s.model.parameters())
+    base = train_agd.load_base(args)
+    assert base.model.gradient_checkpointing
+    student = adapters.attach(base.model, **base.adapter_options(hidden_dim=8))
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in base.model.parameters())
     assert all(p.dtype == torch.float32 and p.requires_grad for p in student.adapters.parameters())
 
 
 def test_dit_collect_train_sample(tmp_path):
     root = tiny_dit(tmp_path / "dit")
     run(tmp_path / "run", "--model", "dit", "--weights", str(root), "--dtype", "float32", "--use-class")
-    data = train_agd.load_shards(tmp_path / "run" / "trajectories")
+    data = trajectories.load_shards(tmp_path / "run" / "trajectories")
     assert data["target"].shape[1:] == (8, 8, 8)  # epsilon and the learned variance
     assert torch.equal(data["cond.y"], torch.arange(4) % 10)
     assert 1.0 <= data["w"].min() and data["w"].max() <= 6.0
@@ -109,8 +109,9 @@ def test_dit_collect_train_sample(tmp_path):
     student = adapters.load(base, tmp_path / "run" / "adapters.safetensors")
     assert len(student.targets) == 2 and all(n.endswith(".attn") for n in student.targets)
     with torch.no_grad():
+        scheduler = families.dit_scheduler(root)
         x = guidance.sample(lambda x, t: student(x, t, w=4.0, y=torch.tensor([3])), torch.randn(1, 4, 8, 8),
-                            guidance.linear_schedule(), guidance.spaced_timesteps(3, spacing="iddpm"))
+                            scheduler, scheduler.timesteps(3))
     assert torch.isfinite(x).all()
 
     # a corrupt training checkpoint is reported by name; the shards and the adapters stay
@@ -121,7 +122,7 @@ def test_dit_collect_train_sample(tmp_path):
         run(tmp_path / "run", "--model", "dit", "--weights", str(root), "--dtype", "float32", "--use-class",
             "--resume")
     assert (tmp_path / "run" / "adapters.safetensors").read_bytes() == before
-    assert len(train_agd.load_shards(tmp_path / "run" / "trajectories")["x"]) == 8
+    assert len(trajectories.load_shards(tmp_path / "run" / "trajectories")["x"]) == 8
 
 
 ONLINE = ["--online", "--shard-size", "4", "--buffer-shards", "2", "--refresh-every", "2", "--train-steps", "6",
@@ -147,6 +148,7 @@ def test_online_stores_nothing_and_resumes_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_ranks(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -161,11 +163,11 @@ def test_torchrun_two_gloo_ranks(tmp_path):
 
 def test_sdxl_trajectory_is_over_20x_smaller_than_the_official():
     shape = (4, 128, 128)  # SDXL's 1024 px latents
-    official = train_agd.official_trajectory_bytes(shape)
+    official = trajectories.official_trajectory_bytes(shape)
     assert official == 262_144_000  # 1,000 steps x (input, output) x 4 x 128 x 128 x fp16
     cond = 2 * (77 * 2048 + 1280 + 6)  # context, pooled text, size ids, fp16
-    keep = len(train_agd.keep_indices(50, train_agd.MODELS["sdxl"][1]["keep_steps"]))
-    ours = train_agd.trajectory_bytes(shape, 4, keep, cond)
+    keep = len(trajectories.keep_indices(50, families.FAMILIES["sdxl"].train["keep_steps"]))
+    ours = trajectories.trajectory_bytes(shape, 4, keep, cond)
     assert official / ours >= 20, official / ours
 
 
@@ -178,4 +180,4 @@ def test_missing_prompt_file_is_one_line(tmp_path, capsys):
 def test_bundled_prompt_file():
     bundled = prompts.read_prompts(ROOT / "prompts" / "agd_prompts.txt")
     assert len(bundled) == 125 and len(set(bundled)) == 125
-    assert train_agd.MODELS["sdxl"][1]["trajectories"] == 4 * len(bundled)
+    assert families.FAMILIES["sdxl"].train["trajectories"] == 4 * len(bundled)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 import unet
+from util import max_rel_err
 
 # Tiny configs in diffusers' names, one per code path of the full-size models.
 TINY = {
@@ -66,11 +67,6 @@ def run_reference(model, x, t, context, text_embeds, time_ids):
         return model(x, t, context, added_cond_kwargs=added).sample
 
 
-def rel_err(a, b):
-    """max |a - b| / max |b|, in fp32."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """name -> (reference model, repo folder holding unet/ as diffusers saves it)."""
@@ -104,7 +100,7 @@ def test_fp32_parity(saved, name):
         with torch.no_grad():
             out = ours(*args)
         assert out.shape == expected.shape
-        assert rel_err(out, expected) <= 1e-5, (name, size)
+        assert max_rel_err(out, expected) <= 1e-5, (name, size)
     assert expected.abs().max() > 0.5  # a meaningful output, not one that vanished
 
 
@@ -121,9 +117,9 @@ def test_bf16_parity(saved, name):
         out = ours(*args)  # fp32 inputs are cast to the weights' dtype
     assert out.dtype == torch.bfloat16
     # the same bf16 operations as diffusers (fp32 sinusoids, then cast): a few bf16 ulps at most
-    assert rel_err(out, expected16) <= 1e-2
+    assert max_rel_err(out, expected16) <= 1e-2
     # and as close to the fp32 truth as diffusers' own bf16 run
-    assert rel_err(out, expected32) <= 1.5 * rel_err(expected16, expected32) + 1e-3
+    assert max_rel_err(out, expected32) <= 1.5 * max_rel_err(expected16, expected32) + 1e-3
 
 
 def test_timestep_forms(saved):
@@ -134,7 +130,7 @@ def test_timestep_forms(saved):
     expected = run_reference(ref, x, torch.tensor([700.0, 700.0]), context, None, None)
     with torch.no_grad():
         for t in [700, 700.0, torch.tensor(700), torch.tensor([700.0]), torch.tensor([700, 700])]:
-            assert rel_err(ours(x, t, context), expected) <= 1e-5, t
+            assert max_rel_err(ours(x, t, context), expected) <= 1e-5, t
         with pytest.raises(ValueError, match="t: expected a number or 2 timesteps"):
             ours(x, torch.tensor([1.0, 2.0, 3.0]), context)
 
@@ -177,8 +173,8 @@ def test_attn2_hooks_see_what_diffusers_attn2_sees(saved):
         out = ours(*args)
     expected = run_reference(ref, *args)
     plain = run_reference(reference("sdxl-like"), *args)
-    assert rel_err(out, expected) <= 1e-5
-    assert rel_err(out, plain) > 1e-2  # the hooks did change the output
+    assert max_rel_err(out, expected) <= 1e-5
+    assert max_rel_err(out, plain) > 1e-2  # the hooks did change the output
     assert all(len(a) == 3 and a == o for a, o in shapes)  # [B, T, C] in, [B, T, C] out
 
 

@@ -31,7 +31,14 @@ OFFICIAL = {
     "sd-2.1": dict(_COMMON, _diffusers_version="0.8.0", sample_size=768),
     "sdxl": dict(_COMMON, _diffusers_version="0.20.0.dev0", sample_size=1024, scaling_factor=0.13025,
                  force_upcast=True),
+    # SD3's (and SD3.5's): 16 channels, shifted latents, no 1x1 convolutions around them
+    "sd3": dict(_COMMON, _diffusers_version="0.29.0.dev0", latent_channels=16, sample_size=1024,
+                scaling_factor=1.5305, shift_factor=0.0609, force_upcast=True, latents_mean=None, latents_std=None,
+                use_quant_conv=False, use_post_quant_conv=False),
 }
+# (keys, parameters) of each: SD3's lacks the two 1x1 convolutions, and has 16 latent channels
+SIZES = {"sd-vae-ft-ema": (248, 83_653_863), "sd-vae-ft-mse": (248, 83_653_863), "sd-2.1": (248, 83_653_863),
+         "sdxl": (248, 83_653_863), "sd3": (244, 83_819_683)}
 # Files saved before diffusers' 2023 attention rewrite name the attention weights the old way.
 LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
@@ -79,6 +86,37 @@ def test_encode_decode_match_diffusers(tiny, layout):
         assert_close(sampled, posterior.sample(generator=torch.Generator().manual_seed(3)) * sf)
         assert (sampled - ours.encode(x)).abs().max() > 1e-2  # the generator did sample
         assert_close(ours.decode(z), ref.decode(z / sf).sample)
+
+
+# SD3's autoencoder, small: 16 latent channels, shift and scale, no quant convs
+TINY_SD3 = dict(TINY, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False)
+
+
+def test_sd3_autoencoder_matches_diffusers_and_the_sd3_pipeline_convention(tmp_path):
+    with torch.random.fork_rng():  # the other tests' draws stay as they were
+        torch.manual_seed(0)
+        ref = diffusers.AutoencoderKL(**TINY_SD3).eval()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path / "vae")
+    ours = vae.from_pretrained(tmp_path)
+    assert (ours.shift_factor, ours.scaling_factor, ours.config.latent_channels) == (0.0609, 1.5305, 16)
+    assert not any("quant_conv" in k for k in ours.state_dict())
+    sf, shift = 1.5305, 0.0609
+    x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z = torch.randn(2, 16, 8, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        posterior = ref.encode(x).latent_dist
+        assert_close(ours.encode(x), (posterior.mode() - shift) * sf)
+        sampled = ours.encode(x, generator=torch.Generator().manual_seed(3))
+        assert_close(sampled, (posterior.sample(generator=torch.Generator().manual_seed(3)) - shift) * sf)
+        assert_close(ours.decode(z), ref.decode(z / sf + shift).sample)  # as StableDiffusion3Pipeline decodes
+        assert (ours.decode(z) - ref.decode(z / sf).sample).abs().max() > 1e-3  # the shift matters
+        ours16 = vae.from_pretrained(tmp_path, dtype=torch.float16)  # force_upcast without post_quant_conv's weights
+        assert ours16.dtype == torch.float16
+        assert_close(ours16.decode(z), ours.decode(z), rel=1e-2)  # (its weights rounded to fp16)
 
 
 def test_slices_give_the_whole_batch(tiny):
@@ -174,8 +212,8 @@ def test_a_renamed_or_extra_key_is_named(tiny, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(_class_name="UNet2DConditionModel"), "expected AutoencoderKL"),
-    (dict(shift_factor=0.1159), "shift_factor is 0.1159"),
-    (dict(use_quant_conv=False), "use_quant_conv is False"),
+    (dict(latents_mean=[0.1] * 4), r"latents_mean is \[0\.1"),
+    (dict(mid_block_add_attention=False), "mid_block_add_attention is False"),
     (dict(down_block_types=["DownEncoderBlock2D", "DownBlock2D"]), "down_block_types"),
     (dict(conv_type="magic"), "unknown key conv_type"),
     (dict(block_out_channels=None), "missing key block_out_channels"),
@@ -198,7 +236,7 @@ def test_full_size_keys_and_shapes_match_diffusers(name):
     assert (ref.config.scaling_factor, ref.config.force_upcast) == (cfg.scaling_factor, cfg.force_upcast)
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == expected
-    assert len(expected) == 248 and sum(p.numel() for p in ours.parameters()) == 83_653_863
+    assert (len(expected), sum(p.numel() for p in ours.parameters())) == SIZES[name]
     # the loading path itself, with either naming of the attention weights that official files hold
     for rename in (str, legacy_name):
         files = {rename(k): torch.empty(shape, device="meta") for k, shape in expected.items()}

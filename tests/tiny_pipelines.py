@@ -1,12 +1,15 @@
-"""Tiny random SD 2.1 and SDXL pipelines, saved to disk in the official hub layout (test helper).
+"""Tiny random SD 1.5, SD 2.1 and SDXL pipelines, saved to disk in the official hub layout (test helper).
 
 Each builds the diffusers pipeline from tiny components with the official architectures' features
-(SD 2.1: linear projections, per-block head counts, upcast attention, v-prediction; SDXL: two text
-towers, the pooled text and size embedding, several transformer layers per block), the real CLIP
+(SD 1.5: 1x1-conv projections, one head count, OpenAI's CLIP; SD 2.1: linear projections, per-block
+head counts, upcast attention, v-prediction; SDXL: two text towers, the pooled text and size
+embedding, several transformer layers per block), the real CLIP
 tokenizers from assets/clip, and a scheduler, then writes it as the hub repos store it:
 
-    root = make_sd21(tmp_path)   # model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/
+    root = make_sd15(tmp_path)   # model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/
+    root = make_sd21(tmp_path)   # the same, tokenizer/, text_encoder/, unet/, vae/, scheduler/
     root = make_sdxl(tmp_path)   # ... plus tokenizer_2/, text_encoder_2/
+    root = make_sd3(tmp_path)    # transformer/, vae/, scheduler/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(root)   # the reference, on the same files
 
 Two things differ from what diffusers + transformers 5 write, so they are put back the hub's way:
@@ -14,11 +17,14 @@ tokenizer folders hold vocab.json + merges.txt + special-token files (transforme
 tokenizer.json), and a CLIPTextModel's keys carry the text_model. prefix (transformers 5 drops it).
 """
 
+import json
 import shutil
+import string
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -26,6 +32,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 CLIP_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "clip"
 PAD_BANG = CLIP_ASSETS / "tokenizer_pad_bang"  # SD 2.1's tokenizer and SDXL's tokenizer_2: pad "!"
 PAD_EOT = CLIP_ASSETS / "tokenizer_pad_eot"  # SDXL's tokenizer: pad <|endoftext|>
+
+# scheduler/scheduler_config.json of stabilityai/stable-diffusion-2-1 and stable-diffusion-xl-base-1.0,
+# verbatim: the tiny pipelines sample as the hub's do
+SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                  "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                  "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                  "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                  "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
 
 
 def tiny_text_config(hidden_size, hidden_act, projection_dim, num_hidden_layers=3, eos_token_id=2):
@@ -45,8 +63,11 @@ def _tiny_vae(scaling_factor, force_upcast):
                          scaling_factor=scaling_factor, force_upcast=force_upcast)
 
 
-def _hub_layout(root, tokenizers, clip_text_models):
-    """Rewrite what save_pretrained wrote into the hub's layout (see the module docstring)."""
+def _hub_layout(root, tokenizers, clip_text_models, scheduler=None):
+    """Rewrite what save_pretrained wrote into the hub's layout (see the module docstring); `scheduler`: the
+    hub repo's scheduler config, verbatim, in place of the one diffusers wrote."""
+    if scheduler is not None:
+        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     for name, source in tokenizers.items():
         shutil.rmtree(root / name)
         shutil.copytree(source, root / name, copy_function=shutil.copyfile)  # assets are read-only
@@ -56,6 +77,26 @@ def _hub_layout(root, tokenizers, clip_text_models):
         if not any(k.startswith("text_model.") for k in tensors):
             tensors = {"text_model." + k: v for k, v in tensors.items()}
         save_file(tensors, file, metadata={"format": "pt"})
+
+
+def make_sd15(tmp_path):
+    """A tiny random SD 1.5 pipeline saved under tmp_path; returns its root folder."""
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(tiny_text_config(32, "quick_gelu", projection_dim=16))  # OpenAI ViT-L/14
+    unet = UNet2DConditionModel(  # attention_head_dim: one head count for every level, as SD 1.5's 8
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4, cross_attention_dim=32, use_linear_projection=False, norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=_tiny_vae(0.18215, force_upcast=False), text_encoder=text_encoder,
+                                   tokenizer=CLIPTokenizer.from_pretrained(PAD_EOT), unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    root = Path(tmp_path) / "sd15"
+    pipe.save_pretrained(root)
+    # SD 2.1's DDIM config predicting epsilon (SD 1.5's hub config is PNDM's, which guidance.py does not follow)
+    _hub_layout(root, {"tokenizer": PAD_EOT}, ["text_encoder"], {**SD21_SCHEDULER, "prediction_type": "epsilon"})
+    return root
 
 
 def make_sd21(tmp_path, prediction_type="v_prediction"):
@@ -74,7 +115,8 @@ def make_sd21(tmp_path, prediction_type="v_prediction"):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     root = Path(tmp_path) / "sd21"
     pipe.save_pretrained(root)
-    _hub_layout(root, {"tokenizer": PAD_BANG}, ["text_encoder"])
+    _hub_layout(root, {"tokenizer": PAD_BANG}, ["text_encoder"],
+                {**SD21_SCHEDULER, "prediction_type": prediction_type})
     return root
 
 
@@ -102,5 +144,92 @@ def make_sdxl(tmp_path, force_zeros_for_empty_prompt=True):
         add_watermarker=False)
     root = Path(tmp_path) / "sdxl"
     pipe.save_pretrained(root)
-    _hub_layout(root, {"tokenizer": PAD_EOT, "tokenizer_2": PAD_BANG}, ["text_encoder"])
+    _hub_layout(root, {"tokenizer": PAD_EOT, "tokenizer_2": PAD_BANG}, ["text_encoder"], SDXL_SCHEDULER)
+    return root
+
+
+# -----------------------------------------------------------------------------
+# T5's tokenizer, small
+#
+# The hub's tokenizer_3/ holds a tokenizer.json (a Unigram model over SentencePiece pieces, with
+# T5's pre-tokenizer and "$A </s>" post-processor), tokenizer_config.json and special_tokens_map.json.
+# transformers builds the same structure around any vocabulary: a few hundred pieces here.
+
+T5_WORDS = ("a photo of an astronaut riding horse on the moon red cat dog painting blue sky with "
+            "in style oil portrait").split()
+
+
+def make_t5_tokenizer(folder):
+    """A T5 tokenizer folder in the hub's layout; its vocabulary: T5's specials, some words, single characters."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]  # ids 0, 1, 2 as in T5's
+    pieces += [("\u2581" + w, -3.0 - 0.1 * i) for i, w in enumerate(T5_WORDS)]
+    pieces += [(c, -6.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("\u2581" + c, -6.5) for c in string.ascii_letters + string.digits]
+    unique = {}  # each piece once, where it first comes ("\u2581a" is a word and a letter)
+    for piece, score in pieces:
+        unique.setdefault(piece, score)
+    pieces = list(unique.items())
+    folder = Path(folder)
+    T5TokenizerFast(vocab=pieces, extra_ids=100).save_pretrained(folder)
+    # the hub's side files (written by transformers 4), in place of transformers 5's own
+    extra = [f"<extra_id_{i}>" for i in range(100)]
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"additional_special_tokens": extra, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+        indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"additional_special_tokens": extra, "clean_up_tokenization_spaces": True, "eos_token": "</s>",
+         "extra_ids": 100, "legacy": True, "model_max_length": 512, "pad_token": "<pad>", "sp_model_kwargs": {},
+         "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"}, indent=2))
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# SD3 and SD3.5
+
+
+def _perturb(*modules, scale=0.1):
+    """Move every weight off its initialization (norms' ones and zeros, biases), so that each matters."""
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.add_(scale * torch.randn_like(p))
+
+
+def make_sd3(tmp_path, sd35=False):
+    """A tiny random SD3 pipeline (sd35: SD3.5-like, q / k RMSNorm and a dual-attention block) saved under tmp_path.
+
+    The widths keep SD3's relations: the CLIP-L and CLIP-G states side by side (32 + 48) are narrower
+    than T5's (96), so they are zero-padded to it; the pooled text is both towers' projections (80).
+    """
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(tiny_text_config(32, "quick_gelu", projection_dim=32))  # CLIP-L
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(48, "gelu", projection_dim=48))  # OpenCLIP bigG
+    t5_folder = make_t5_tokenizer(Path(tmp_path) / "t5_tokenizer")
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=320, d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                             feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=32 + 48, out_channels=16,
+        pos_embed_max_size=12, **(dict(dual_attention_layers=(0,), qk_norm="rms_norm") if sd35 else {}))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=2, norm_num_groups=32, sample_size=16, scaling_factor=1.5305,
+                        shift_factor=0.0609, force_upcast=True, use_quant_conv=False, use_post_quant_conv=False)
+    _perturb(text_encoder, text_encoder_2, text_encoder_3, transformer, vae)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(PAD_EOT),
+        text_encoder_2=text_encoder_2, tokenizer_2=CLIPTokenizer.from_pretrained(PAD_BANG),
+        text_encoder_3=text_encoder_3, tokenizer_3=T5TokenizerFast.from_pretrained(t5_folder))
+    root = Path(tmp_path) / ("sd35" if sd35 else "sd3")
+    pipe.save_pretrained(root)
+    _hub_layout(root, {"tokenizer": PAD_EOT, "tokenizer_2": PAD_BANG, "tokenizer_3": t5_folder},
+                ["text_encoder", "text_encoder_2"])
+    index = json.loads((root / "model_index.json").read_text())  # the hub names T5's tokenizer class so
+    (root / "model_index.json").write_text(json.dumps({**index, "tokenizer_3": ["transformers", "T5TokenizerFast"]},
+                                                      indent=2))
     return root
