@@ -112,7 +112,7 @@ def our_latents(root, folders, images, latents, w, scales, guess_mode=False, sta
         call = controlnet.controlled(student(model), nets, timesteps, start, end, guess_mode)
         denoise = lambda x, t: call(x, t, w=torch.full((n,), float(w)), **cond)  # noqa: E731
     assert latents.shape[-2:] == (height // VAE_SCALE, width // VAE_SCALE)
-    return guidance.sample(denoise, latents, s.alphas_cumprod, timesteps, step=s.step, **s.step_kw)
+    return guidance.sample(denoise, latents, s, timesteps)
 
 
 CASES = [  # base, ControlNets used, scales, guidance, pipeline options
