@@ -489,7 +489,7 @@ def parse_args(argv=None):
                    help="output folder (default: assets/..., finetune: runs/tiny-STYLE[-loraRANK])")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
-    args.steps = args.steps or {"finetune": 500, "controlnet": 1500}.get(args.what, 4000)
+    args.steps = args.steps or {"finetune": 500, "controlnet": 800}.get(args.what, 4000)
     finetuned = f"runs/tiny-{args.style}" + (f"-lora{args.lora}" if args.lora else "")
     args.out = args.out or {"classifier": CLASSIFIER, "teacher": TEACHER,
                             "controlnet": ASSETS / "tiny-controlnet-mnist"}.get(args.what, finetuned)

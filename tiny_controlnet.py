@@ -60,7 +60,7 @@ def control_fidelity(samples, controls):
 # training
 
 
-def train_controlnet(teacher, images, labels, steps=1500, batch_size=64, lr=1e-3, label_dropout=0.1, num_layers=2,
+def train_controlnet(teacher, images, labels, steps=800, batch_size=64, lr=1e-3, label_dropout=0.1, num_layers=2,
                      ema_decay=0.995, seed=0):
     """A ControlNet of the frozen `teacher` (a copy of its first `num_layers` blocks), trained on the digits'
     silhouettes with the teacher's own objective (tiny.teacher_loss); returns its EMA weights.

@@ -69,9 +69,10 @@ def control_argv(folders, files, scales, canny=False):
 
 @torch.no_grad()
 def pipeline_images(name, root, folders, files, scales, w, seed, canny=False):
-    cls = diffusers.StableDiffusionXLControlNetPipeline if name == "sdxl" else diffusers.StableDiffusionControlNetPipeline
+    xl = name == "sdxl"
+    cls = diffusers.StableDiffusionXLControlNetPipeline if xl else diffusers.StableDiffusionControlNetPipeline
     models = [diffusers.ControlNetModel.from_pretrained(f) for f in folders]
-    extra = {} if name == "sdxl" else dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    extra = {} if xl else dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = cls.from_pretrained(root, controlnet=models if len(models) > 1 else models[0], **extra)
     pipe.set_progress_bar_config(disable=True)
     pil = [Image.open(f) for f in files]
@@ -90,8 +91,10 @@ CASES = [  # base, ControlNets, scales, CFG scale, --canny
 ]
 
 
-@pytest.mark.parametrize("name, which, scales, w, canny", CASES,
-                         ids=[f"{n}-{len(k)}cn-{'-'.join(map(str, s))}{'-canny' if c else ''}" for n, k, s, _, c in CASES])
+IDS = [f"{n}-{len(k)}cn-{'-'.join(map(str, s))}{'-canny' if c else ''}" for n, k, s, _, c in CASES]
+
+
+@pytest.mark.parametrize("name, which, scales, w, canny", CASES, ids=IDS)
 def test_seed_to_images_matches_the_controlnet_pipelines(roots, nets, images, name, which, scales, w, canny):
     root, folders, files, seed = roots[name], [nets[name][k] for k in which], [images[k] for k in which], 3
     expected = pipeline_images(name, root, folders, files, scales, w, seed, canny)

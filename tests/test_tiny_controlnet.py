@@ -7,6 +7,7 @@ import torch
 import checkpoint
 import controlnet
 import dit
+import families
 import guidance
 import tiny
 import tiny_controlnet
@@ -137,6 +138,7 @@ def test_bundled_controlnet_makes_samples_follow_the_control(teacher):
     controls, y = tiny_controlnet.control_image(images[idx]), labels[idx]
     null = torch.full_like(y, tiny.NULL_CLASS)
     extra, extra_null = controlnet.control_condition([net], controls, 1.0, batch=len(y))
+    scheduler = families.dit_scheduler(tiny.TEACHER)  # the teacher's DDPM, as sample.py --model tiny runs it
     fidelity = {}
     for name, model, cond, uncond in (("plain", teacher, {"y": y}, {"y": null}),
                                       ("controlnet", controlnet.controlled(teacher, [net]), {"y": y, **extra},
@@ -144,8 +146,7 @@ def test_bundled_controlnet_makes_samples_follow_the_control(teacher):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(len(y), 1, 28, 28, generator=g)
         with torch.no_grad():
-            samples = guidance.sample(guidance.guided(model, 3.0, cond, uncond), x, guidance.linear_schedule(),
-                                      guidance.spaced_timesteps(25, spacing="iddpm"), generator=g,
-                                      **guidance.step_options_beside(tiny.TEACHER))
+            samples = guidance.sample(guidance.guided(model, 3.0, cond, uncond), x, scheduler, scheduler.timesteps(25),
+                                      generator=g)
         fidelity[name] = tiny_controlnet.control_fidelity(samples, controls)
     assert fidelity["controlnet"] > fidelity["plain"] + 0.2, fidelity
