@@ -469,12 +469,8 @@ def config_from_original(sd, source="state dict"):
 
 
 def _torch_load(file):
-    """A .bin / .pth / .ckpt of plain tensors, loaded without running pickled code."""
-    try:
-        sd = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or pickled objects that weights-only loading refuses
-        raise checkpoint.CheckpointError(f"{file}: not a PyTorch checkpoint of plain tensors "
-                                         f"({type(e).__name__})") from None
+    """A .bin / .pth / .ckpt of plain tensors, loaded without running pickled code (checkpoint.read_torch_file)."""
+    sd = checkpoint.read_torch_file(file)
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd  # Lightning's .ckpt nests it
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise checkpoint.CheckpointError(f"{file}: not a state dict (expected a dict of tensors)")
