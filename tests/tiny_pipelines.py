@@ -309,3 +309,20 @@ def make_ip_adapter(folder, subfolder, weight_name, unet, embed_dim=24, plus=Fal
     else:
         torch.save(state, file)
     return file
+
+def make_controlnet(root, folder, seed=0):
+    """A ControlNet of the tiny pipeline at root, made as the hub's are (ControlNetModel.from_unet) with every
+    parameter randomized (zero convs too: zeros would make any comparison trivial), saved in the hub layout.
+
+    Its image encoder has one stride-2 step: control images are 2x the latents, as the tiny autoencoders' pixels.
+    """
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(Path(root) / "unet"),
+                                    conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    net.save_pretrained(folder)
+    return Path(folder)
