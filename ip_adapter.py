@@ -21,8 +21,8 @@ penultimate hidden states into 16); and beside every cross-attention `attn2` of 
 
 The IP-Adapter is an adapters.Attachment: hooks on attn2 that act only inside its scope, so unet.py
 knows nothing of it, and it composes with the AGD adapters (hooks on the same attn2, each adding its
-own part; tested) and with ControlNet, whose residuals enter the UNet's blocks, not attn2 (not yet
-tested). Attribute names are h94's keys
+own part) and with ControlNet, whose residuals enter the UNet's blocks, not attn2: all three in one
+pass equal diffusers' ControlNet pipeline with the IP-Adapter (tested). Attribute names are h94's keys
 (image_proj.proj.weight, ip_adapter.1.to_k_ip.weight, ...), so its files load strictly.
 
 Letters in shape comments: B batch, T image tokens of the UNet level, C its width, N image-prompt
