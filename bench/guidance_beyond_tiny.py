@@ -43,7 +43,8 @@ def trained(folder, *options):
     """The adapters of `python train_agd.py --out folder *options`, trained here if not there yet."""
     file = Path(folder) / "adapters.safetensors"
     if not file.is_file():
-        train_agd.main(train_agd.parse_args(["--out", str(folder), "--no-eval", *options]))
+        resume = ["--resume"] if (folder / "train_state.pt").is_file() else []  # a stopped training continues
+        train_agd.main(train_agd.parse_args(["--out", str(folder), "--no-eval", *resume, *options]))
     return file
 
 
