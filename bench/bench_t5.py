@@ -16,7 +16,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import t5  # noqa: E402
+from bench_unet import measure_load  # noqa: E402
 
 FILE_DTYPES = {"fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16"), "fp32": (torch.float32, "F32")}
 
@@ -67,37 +67,11 @@ def write_random_folder(folder, file_dtype):
     return sum(write_shard(folder / name, {k: shapes[k] for k in ks}, dtype, tag, g) for name, ks in halves.items())
 
 
-def status_kib(field):
-    """A field of /proc/self/status, in KiB (VmHWM: the kernel's record of peak resident memory)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def load_child(args):
-    """In a fresh process: load the folder in bf16, report peak resident memory as JSON."""
-    peaks = {"RssAnon": 0, "RssFile": 0}
-    done = threading.Event()
-
-    def sample():  # the kernel keeps only the total's peak; sample its parts
-        while not done.is_set():
-            for k in peaks:
-                peaks[k] = max(peaks[k], status_kib(k))
-            time.sleep(0.005)
-
-    before = status_kib("VmHWM")
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    start = time.perf_counter()
-    model = t5.T5Encoder.from_pretrained(args.path, dtype=torch.bfloat16)
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    """In a fresh process: load the folder in bf16, report peak resident memory as JSON (bench_unet's measure)."""
+    model, figures = measure_load(lambda: t5.T5Encoder.from_pretrained(args.path, dtype=torch.bfloat16))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    print(json.dumps(dict(before_kib=before, peak_kib=status_kib("VmHWM"), weights_bytes=weights, seconds=seconds,
-                          **{f"peak_{k}_kib": v for k, v in peaks.items()})))
+    print(json.dumps(figures))
 
 
 def load_memory(args):

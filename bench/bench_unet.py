@@ -159,11 +159,12 @@ def status_kib(field):
     raise KeyError(field)
 
 
-def load_child(args):
-    """In a fresh process: load the folder in bf16, report peak resident memory as JSON."""
+def measure_load(load):
+    """(model, figures) of `model = load()` in this process: peak resident memory before and after (VmHWM), the
+    peaks of its anonymous and file-backed parts (sampled: the kernel keeps only the total's), seconds, weights."""
     peaks = {"RssAnon": 0, "RssFile": 0}
 
-    def sample():  # the kernel keeps only the total's peak; sample its parts
+    def sample():
         while not done.is_set():
             for k in peaks:
                 peaks[k] = max(peaks[k], status_kib(k))
@@ -174,13 +175,19 @@ def load_child(args):
     sampler = threading.Thread(target=sample)
     sampler.start()
     start = time.perf_counter()
-    model = unet.from_pretrained(args.path, dtype=torch.bfloat16)
+    model = load()
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps(dict(before_kib=before, peak_kib=status_kib("VmHWM"), weights_bytes=weights,
-                          seconds=seconds, **{f"peak_{k}_kib": v for k, v in peaks.items()})))
+    return model, dict(before_kib=before, peak_kib=status_kib("VmHWM"), weights_bytes=weights, seconds=seconds,
+                       **{f"peak_{k}_kib": v for k, v in peaks.items()})
+
+
+def load_child(args):
+    """In a fresh process: load the folder in bf16, report peak resident memory as JSON."""
+    _, figures = measure_load(lambda: unet.from_pretrained(args.path, dtype=torch.bfloat16))
+    print(json.dumps(figures))
 
 
 def load_memory(args):
