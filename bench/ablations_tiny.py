@@ -157,7 +157,8 @@ def run_variant(world, name, options, ws):
         start = time.time()
         student, params = world.student(name, options)
         data = world.data(name)
-        train_agd.train(student, lambda step: data, world.hp, out, resume=True, params=params)  # or resumed
+        hp = dataclasses.replace(world.hp, lr=FULL_LR) if params else world.hp  # the whole model: its own rate
+        train_agd.train(student, lambda step: data, hp, out, resume=True, params=params)  # or resumed
         student.eval()
         done["trainable_parameters"] = sum(p.numel() for p in (params or student.adapters.parameters()))
         scored = world.evaluate({w: (lambda cond, null, w=w: (lambda x, t: student(x, t, w=w, **cond)))

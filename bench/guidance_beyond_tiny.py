@@ -16,7 +16,9 @@ the same noise, CFG against AGD as train_agd.py evaluates (tiny.generate; digit 
    the classifier's mean probability of j (how well j is avoided), beside the null negative's figures.
 
 Writes DIR/metrics.json ({"results": [{"experiment", "method", "w", "schedule" | "negative", "fid",
-"accuracy", "p_negative", "sec_per_image"}, ...]}) and DIR/samples.png.
+"accuracy", "p_negative", "sec_per_image"}, ...]}) and DIR/samples.png. Seconds come from the
+measuring run itself; on a machine that was busy then, `--retime` times the same rows again, alone
+(`--repeats` interleaved batches of `--time-batch` a row: minutes, no scoring).
 """
 
 import argparse
@@ -25,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -100,6 +103,28 @@ def negative_experiment(base, student, classifier, args):
     return rows, grid
 
 
+def retime(base, students, report, args):
+    """Each row's seconds per image again: CFG and AGD take turns, `args.repeats` batches each, the median."""
+    rows = report["results"]
+    for cfg_row, agd_row in zip(rows[::2], rows[1::2]):
+        assert (cfg_row["method"], agd_row["method"]) == ("cfg", "agd")
+        interval = cfg_row["experiment"] == "interval"
+        schedule = guidance.WSchedule.parse(cfg_row["schedule"]) if interval else None
+        denoisers = methods(base, students[cfg_row["experiment"]], cfg_row["w"], args.steps, schedule)
+        y = torch.arange(args.time_batch) % tiny.NUM_CLASSES if interval else \
+            torch.full((args.time_batch,), cfg_row["y"])
+        negative = None if interval or cfg_row["negative"] == "null" else cfg_row["negative"]
+        times = {"cfg": [], "agd": []}
+        for r in range(args.repeats):
+            _, seconds = tiny.generate(base, denoisers, args.steps, args.time_batch, args.seed + r, args.time_batch,
+                                       classes=y, negative=negative)
+            for m in times:
+                times[m].append(seconds[m])
+        cfg_row["sec_per_image"], agd_row["sec_per_image"] = (float(np.median(times[m])) for m in ("cfg", "agd"))
+    report["retimed"] = {"repeats": args.repeats, "batch": args.time_batch}
+    return report
+
+
 def save_grid(rows, file):
     """Labelled rows of 20 digits each."""
     from PIL import Image, ImageDraw
@@ -129,6 +154,16 @@ def main(args):
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.retime:
+        report = json.loads((out / "metrics.json").read_text())
+        base = families.load("tiny")
+        students = {"interval": adapters.load(base.model, report["default_adapters"]).eval()}
+        students["negative"] = adapters.load(base.model, report["negative_adapters"]).eval()
+        retime(base, students, report, args)
+        (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        print_table(report["results"])
+        print(f"-> {out / 'metrics.json'}: seconds per image retimed ({(time.time() - start) / 60:.1f} min)")
+        return report
     default = Path(args.adapters) if args.adapters else trained(out / "default")
     negative = Path(args.negative_adapters) if args.negative_adapters else \
         trained(out / "negative", "--negatives", str(args.negatives))
@@ -167,6 +202,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=families.FAMILIES["tiny"].train["steps"], help="sampler steps")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--retime", action="store_true", help="only time the rows of OUT/metrics.json again (a quiet "
+                   "machine's seconds for a measurement made on a busy one)")
+    p.add_argument("--repeats", type=int, default=3, help="--retime: batches per method and row")
+    p.add_argument("--time-batch", type=int, default=50, help="--retime: samples per batch")
     return p.parse_args(argv)
 
 

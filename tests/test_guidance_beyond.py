@@ -145,3 +145,9 @@ def test_the_tiny_world_bench_runs_both_experiments(tmp_path):
     assert len(negative) == 1 * 2 * 2  # pairs x (null, j) x (cfg, agd)
     assert all(0 <= r["p_negative"] <= 1 and r["fid"] >= 0 for r in negative)
     assert (tmp_path / "out" / "samples.png").is_file()
+    scores = [(r["fid"], r["accuracy"]) for r in rows]
+    retimed = bench.main(bench.parse_args(["--out", str(tmp_path / "out"), "--retime", "--steps", "4", "--repeats", "2",
+                                           "--time-batch", "3"]))
+    assert retimed["retimed"] == {"repeats": 2, "batch": 3}
+    assert [(r["fid"], r["accuracy"]) for r in retimed["results"]] == scores  # only the seconds change
+    assert all(r["sec_per_image"] > 0 for r in retimed["results"])
