@@ -24,9 +24,7 @@ Round r, from 2S to S steps:
   step at two teacher passes a pair and no student pass, and needs nothing stored. AGD's recorded
   trajectories are of another sampler (DiT: stochastic DDPM) at other timesteps;
 - training: the student's one step regresses onto the teacher's two (`one_step_target`), Adam with
-  warm-up and cosine decay, checkpointed atomically; with `relative`, each row's squared error is
-  divided by w^2 (`row_weight`), since what a step must change grows with w and plain MSE leaves the
-  small w under-fit; a step's batch depends only on (seed, round,
+  warm-up and cosine decay, checkpointed atomically; a step's batch depends only on (seed, round,
   step), so a killed round resumes to the same adapters;
 - the round's adapters are saved with their step count ("steps") and sampler in the metadata, and
   `sample.py --adapters FILE` samples with them (`read_steps`).
@@ -34,7 +32,6 @@ Round r, from 2S to S steps:
 Letters in shape comments: N rows (student steps x trajectories), B batch, C channels, H W size.
 """
 
-import argparse
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -58,10 +55,10 @@ SAMPLER = "ddim-trailing"  # the metadata's name of the distilled sampler
 # teacher trajectories per shard, shards held, steps between new shards. tiny: measured (README);
 # the others are not measured yet (no GPU was lent to this work): a round at AGD's learning rate.
 DEFAULTS = {
-    "tiny": dict(train_steps=800, lr=5e-3, shard_size=50, buffer_shards=4, refresh_every=25, relative=True),
-    "dit": dict(train_steps=4000, lr=1e-4, shard_size=32, buffer_shards=4, refresh_every=50, relative=False),
-    "sd21": dict(train_steps=2000, lr=1e-4, shard_size=16, buffer_shards=4, refresh_every=50, relative=False),
-    "sdxl": dict(train_steps=2000, lr=1e-4, shard_size=16, buffer_shards=4, refresh_every=50, relative=False),
+    "tiny": dict(train_steps=800, lr=5e-3, shard_size=50, buffer_shards=4, refresh_every=25),
+    "dit": dict(train_steps=4000, lr=1e-4, shard_size=32, buffer_shards=4, refresh_every=50),
+    "sd21": dict(train_steps=2000, lr=1e-4, shard_size=16, buffer_shards=4, refresh_every=50),
+    "sdxl": dict(train_steps=2000, lr=1e-4, shard_size=16, buffer_shards=4, refresh_every=50),
 }
 
 # -----------------------------------------------------------------------------
@@ -148,18 +145,6 @@ def loss_weight(now, prediction_type):
     return max(alpha**2 / sigma**2, 1.0) * scale**2
 
 
-def row_weight(weight, w, relative):
-    """A row's loss weight: the x-space weight, and with `relative` divided by w^2.
-
-    What a student step must change (its target minus the teacher's one step) grows with w: on the tiny
-    teacher's 12 -> 6 round its squared size is 0.37 at w < 1.5 and 2.9 at w > 4.5, so that plain MSE
-    is ruled by the large w and the student reproduced 0.55 of the change at w < 1.5 and 0.95 at w > 4.5
-    (README). Divided by w^2, every w counts about as a relative error, as `--loss guidance` does for AGD
-    (whose correction vanishes at w = 1, where a step's does not: hence w, not w - 1).
-    """
-    return weight / w.float() ** 2 if relative else weight
-
-
 # -----------------------------------------------------------------------------
 # the data: the teacher's own trajectories
 
@@ -174,7 +159,6 @@ class Distillation:
     lr: float
     w_min: float = 1.0
     w_max: float = 6.0
-    relative: bool = False  # each row's squared error divided by w^2 (row_weight)
     shard_size: int = 50  # teacher trajectories per shard
     batch: int = None  # trajectories sampled at once (None: a shard)
     buffer_shards: int = 4  # shards held at once
@@ -314,8 +298,7 @@ def train_round(base, sched, teacher, student, hp, round, out, resume=False, ran
         with student.condition(w=w, t=t, **cond):  # the student's scope: the teacher's adapters stay off
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 pred = model(x, t, **cond)
-            err = (pred[:, :C].float() - target).pow(2).flatten(1).mean(1)  # (B,)
-            loss = (row_weight(weight, w, hp.relative) * err).mean()
+            loss = (weight * (pred[:, :C].float() - target).pow(2).flatten(1).mean(1)).mean()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         train_agd.average_gradients(params, world)
@@ -370,7 +353,7 @@ def reproduced(base, sched, teacher, student, hp, round):
                 "residual": (s[:, 2].sum() / s[:, 1].sum()).item()}
 
     per_step = [{"t": t, **fit(sums[rows["t"] == t])} for t in grid[::2].tolist()]
-    small = rows["w"] < 2  # where plain MSE under-fits (row_weight)
+    small = rows["w"] < 2  # where the student falls furthest short (README, "Step distillation")
     return {"steps": steps, **fit(rows["weight"][:, None] * sums), "per_step": per_step,
             "w_below_2": fit(sums[small]), "w_from_2": fit(sums[~small])}
 
@@ -403,8 +386,7 @@ def distill(base, source, hp, out, resume=False, rank=0, world=1, signals=None):
                 losses = train_round(base, sched, teacher, student, hp, r, out, resume, rank, world, signals)
             if rank == 0:
                 student.save(file, base=base.weights, steps=steps, sampler=SAMPLER, teacher=source if r == 0 else
-                             round_file(out, 2 * steps).name, train_steps=hp.train_steps, relative=hp.relative,
-                             loss=np.mean(losses[-50:]))
+                             round_file(out, 2 * steps).name, train_steps=hp.train_steps, loss=np.mean(losses[-50:]))
         if rank == 0:
             diagnosis.append(reproduced(base, sched, teacher, student, hp, r))
             d = diagnosis[-1]
@@ -431,9 +413,6 @@ def add_arguments(parser):
                    "up to the model's DDIM default, tiny 24 for N = 6; a distilled --adapters file: its steps)")
     g.add_argument("--distill-train-steps", type=int, help="training steps per round")
     g.add_argument("--distill-lr", type=float, help="peak learning rate of each round")
-    g.add_argument("--distill-relative", action=argparse.BooleanOptionalAction, default=None,
-                   help="divide each row's squared error by w^2, so that small w are not under-fit (default: on "
-                        "for tiny, where it was measured; off elsewhere)")
 
 
 def check_arguments(p, args, family):
@@ -469,7 +448,7 @@ def plan(args, family):
     """The CLI's step distillation flags as a Distillation."""
     return Distillation(
         steps=args.distill_steps, start=args.distill_from, train_steps=args.distill_train_steps,
-        batch_size=args.batch_size, lr=args.distill_lr, w_min=args.w_min, w_max=args.w_max, relative=args.distill_relative,
+        batch_size=args.batch_size, lr=args.distill_lr, w_min=args.w_min, w_max=args.w_max,
         shard_size=args.distill_shard_size, batch=args.collect_batch, buffer_shards=args.distill_buffer_shards,
         refresh_every=args.distill_refresh_every, save_every=args.save_every, seed=args.seed,
         prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None)

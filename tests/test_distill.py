@@ -279,7 +279,6 @@ def test_tiny_distill_and_evaluate(tmp_path):
     assert [d["steps"] for d in metrics["distillation"]] == [2, 1]
     assert all(len(d["per_step"]) == d["steps"] for d in metrics["distillation"])
     assert all({"w_below_2", "w_from_2"} <= set(d) for d in metrics["distillation"])
-    assert checkpoint.read_metadata(tmp_path / "adapters_2steps.safetensors")["relative"] == "True"  # tiny's default
     for name in ("samples.png", "steps.png"):
         assert (tmp_path / name).stat().st_size > 0
     parsed = sample.parse_args(["--model", "tiny", "--adapters", str(tmp_path / "adapters_2steps.safetensors"),
@@ -293,11 +292,3 @@ def test_adapters_without_distill_steps_is_one_line(capsys):
         train_agd.parse_args(["--adapters", "agd.safetensors"])
     assert "--distill-steps" in capsys.readouterr().err
 
-
-def test_relative_rows_divide_by_w_squared_and_are_on_for_tiny_only():
-    weight, w = torch.tensor([1.0, 0.5, 0.5]), torch.tensor([1.0, 2.0, 4.0])
-    assert torch.equal(distill.row_weight(weight, w, relative=False), weight)
-    assert torch.equal(distill.row_weight(weight, w, relative=True), torch.tensor([1.0, 0.125, 0.03125]))
-    assert train_agd.parse_args(["--distill-steps", "6"]).distill_relative is True  # measured on tiny (README)
-    assert train_agd.parse_args(["--distill-steps", "6", "--no-distill-relative"]).distill_relative is False
-    assert train_agd.parse_args(["--model", "dit", "--distill-steps", "5"]).distill_relative is False
