@@ -353,7 +353,7 @@ def reproduced(base, sched, teacher, student, hp, round):
                 "residual": (s[:, 2].sum() / s[:, 1].sum()).item()}
 
     per_step = [{"t": t, **fit(sums[rows["t"] == t])} for t in grid[::2].tolist()]
-    small = rows["w"] < 2  # where the student falls furthest short (README, "Step distillation")
+    small = rows["w"] < 2  # where the student falls furthest short (BENCHMARKS.md, "Step distillation")
     return {"steps": steps, **fit(rows["weight"][:, None] * sums), "per_step": per_step,
             "w_below_2": fit(sums[small]), "w_from_2": fit(sums[~small])}
 

@@ -291,4 +291,3 @@ def test_adapters_without_distill_steps_is_one_line(capsys):
     with pytest.raises(SystemExit):
         train_agd.parse_args(["--adapters", "agd.safetensors"])
     assert "--distill-steps" in capsys.readouterr().err
-
