@@ -3,9 +3,11 @@
     python bench/ablations_tiny.py --out runs/ablations                 # every experiment (resumable)
     python bench/ablations_tiny.py --out runs/ablations --only data unseen
 
-Each variant trains with the default run's recipe (train_agd.py: the same 1,000 trajectories, steps,
-batch, learning rate and loss) and is evaluated as the default run is (500 samples per row, the same
-noise, w = 1.5, 3, 5): digit FID, class accuracy, seconds per image, trainable parameters.
+Each variant trains with the default run's recipe (train_agd.py: the same 1,000 trajectories, batch,
+learning rate and loss) for a third of its steps, 500 (--train-steps 1500: the default run's own), and
+is evaluated as the default run is (500 samples per row, the same noise, w = 1.5, 3, 5): digit FID,
+class accuracy, seconds per image, trainable parameters. Two variants run at a time (--jobs), each in a
+process of one thread: the whole set in about 40 minutes on 2 cores.
 
 1. data: adapters trained on CFG-guided trajectories (AGD, Algorithm 1) against the same adapters
    trained on standard pairs: real digits noised by the forward process at the same timesteps, with
@@ -22,19 +24,25 @@ noise, w = 1.5, 3, 5): digit FID, class accuracy, seconds per image, trainable p
 Every variant's adapters and evaluation are cached under --out: a rerun computes only what is missing.
 Writes OUT/metrics.json ({"results": [{"experiment", "variant", "w", "fid", "accuracy", "sec_per_image",
 "trainable_parameters"}, ...]}), a table, and OUT/<experiment>.png (needs matplotlib, which the test
-requirements install; without it the plots are skipped). Times: each variant's are its own run's, not
-interleaved with the others' (the default run's table gives AGD against CFG side by side).
+requirements install; without it the plots are skipped). Times: each variant's minutes and seconds per
+image are its own process's, beside whatever ran with it (the default run's table gives AGD against CFG
+interleaved, side by side).
 """
 
 import argparse
+import concurrent.futures
 import copy
 import dataclasses
 import json
+import multiprocessing
+import os
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adapters  # noqa: E402
@@ -50,6 +58,8 @@ DEFAULTS = families.FAMILIES["tiny"].train
 # the whole model: Meng et al.'s recipe, plain MSE at the paper's 1e-4 (the adapters' 5e-3 wrecks it, and so
 # does 5e-4 under the guidance loss, whose rows near w = 1 weigh up to 100 x: BENCHMARKS.md)
 FULL_LR, FULL_LOSS = 1e-4, "mse"
+# a third of the default run's training steps, so that the whole set fits 45 minutes on 2 cores (BENCHMARKS.md)
+TRAIN_STEPS = 500
 
 
 def default_options(**changes):
@@ -173,34 +183,100 @@ def run_variant(world, name, options, ws):
             "minutes": done["minutes"]}
 
 
+def reference_rows(world, ws):
+    """CFG at each of ws and the base without guidance, evaluated as the variants are (cached)."""
+    return cached(world.out / f"reference-{'-'.join(f'{w:g}' for w in ws)}.json", lambda: {
+        "rows": [{"method": m, "w": w, **r} for (m, w), r in world.evaluate({
+            **{("cfg", w): (lambda cond, null, w=w: guidance.guided(world.base.model, w, cond, null)) for w in ws},
+            ("base", 1.0): lambda cond, null: (lambda x, t: world.base.model(x, t, **cond))}).items()]})
+
+
+def measure(world, task):
+    """One task of the set: ("reference", ws) or (variant name, ws)."""
+    name, ws = task
+    return reference_rows(world, ws) if name == "reference" else run_variant(world, name, VARIANTS[name][1], ws)
+
+
+# the work of a variant relative to the others' (training and evaluation, one thread): the longest go first
+COST = {"whole model": 1.6, "standard-data": 1.4, "default": 1.3, "reference": 1.2}
+
+
+def each(world, args, tasks):
+    """Yield (task, result) as the tasks finish: in this process, or `args.jobs` at a time in worker
+    processes of one thread each (the tiny models are too small for a second thread to help much; two
+    of them side by side nearly halve the wall time on 2 cores)."""
+    if args.jobs == 1:
+        for task in tasks:
+            yield task, measure(world, task)
+        return
+    # the workers' own bars would interleave (the parent's counts the tasks)
+    with unittest.mock.patch.dict(os.environ, TQDM_DISABLE="1"), concurrent.futures.ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
+            initargs=(args,)) as pool:
+        futures = {pool.submit(measure_in_worker, task): task
+                   for task in sorted(tasks, key=lambda task: -COST.get(task[0], 1.0))}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
+
+
+WORKER = {}
+
+
+def start_worker(args):
+    torch.set_num_threads(1)
+    WORKER["world"] = World(args)
+
+
+def measure_in_worker(task):
+    return measure(WORKER["world"], task)
+
+
+SETTINGS = ("trajectories", "train_steps", "steps", "samples", "seed")  # what the cached results depend on
+
+
+def check_settings(args):
+    """OUT/settings.json: the settings its cached results were measured with; other settings are refused."""
+    file, mine = Path(args.out) / "settings.json", {k: getattr(args, k) for k in SETTINGS}
+    theirs = json.loads(file.read_text()) if file.is_file() else mine
+    if theirs != mine:
+        changed = ", ".join(f"--{k.replace('_', '-')} {theirs[k]}" for k in SETTINGS if theirs[k] != mine[k])
+        raise ValueError(f"{args.out} holds results measured with {changed}: pass those, or another --out")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(file, mine)
+
+
 def run(args):
     start = time.time()
+    check_settings(args)
     world = World(args)
     wanted = args.only or EXPERIMENTS
     ws = list(args.w)
     unseen = ws + [w for w in args.unseen_w if w not in ws]
-    reference_ws = unseen if "unseen" in wanted else ws
-    reference = cached(world.out / f"reference-{'-'.join(f'{w:g}' for w in reference_ws)}.json", lambda: {
-        "rows": [{"method": m, "w": w, **r} for (m, w), r in world.evaluate({
-            **{("cfg", w): (lambda cond, null, w=w: guidance.guided(world.base.model, w, cond, null))
-               for w in reference_ws},
-            ("base", 1.0): lambda cond, null: (lambda x, t: world.base.model(x, t, **cond))}).items()]})
+    world.data("default")  # the trajectories, collected once (on every thread) before the variants share them
+    tasks = [("reference", unseen if "unseen" in wanted else ws)] + [
+        (name, unseen if "unseen" in experiments else ws) for name, (experiments, _) in VARIANTS.items()
+        if any(e in wanted for e in experiments)]
+    results = {}
+    with tqdm(total=len(tasks), desc=f"ablations ({args.jobs} at a time)") as bar:
+        for (name, _), result in each(world, args, tasks):
+            results[name] = result
+            if name != "reference":
+                bar.write(f"{name}: {result['minutes']:.1f} min (training and evaluation; cached after the first run)")
+            bar.update()
     rows = [{"experiment": "reference", "variant": r["method"], "trainable_parameters": 0, **r}
-            for r in reference["rows"]]
-    for name, (experiments, options) in VARIANTS.items():
-        mine = [e for e in experiments if e in wanted]
-        if not mine:
+            for r in results.pop("reference")["rows"]]
+    for name, (experiments, _) in VARIANTS.items():
+        if name not in results:
             continue
-        result = run_variant(world, name, options, unseen if "unseen" in mine else ws)
-        print(f"{name}: {result['minutes']:.1f} min (training and evaluation; cached after the first run)")
-        for experiment in mine:
+        result = results[name]
+        for experiment in [e for e in experiments if e in wanted]:
             for r in result["rows"]:
                 if experiment != "unseen" and r["w"] not in ws or experiment == "unseen" and r["w"] not in args.unseen_w:
                     continue
                 rows.append({"experiment": experiment, "variant": LABELS.get(name, {}).get(experiment, name), **r,
                              "trainable_parameters": result["trainable_parameters"], "minutes": result["minutes"]})
     report = {"results": rows, "trajectories": args.trajectories, "train_steps": args.train_steps,
-              "samples": args.samples, "minutes": (time.time() - start) / 60}
+              "samples": args.samples, "jobs": args.jobs, "minutes": (time.time() - start) / 60}
     (world.out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     print_table(rows)
     plot(rows, world.out)
@@ -258,11 +334,14 @@ def parse_args(argv=None):
     p.add_argument("--w", type=float, nargs="+", default=[1.5, 3.0, 5.0], help="evaluation scales")
     p.add_argument("--unseen-w", type=float, nargs="+", default=[7.0, 8.0], help="the unseen experiment's scales")
     p.add_argument("--trajectories", type=int, default=DEFAULTS["trajectories"])
-    p.add_argument("--train-steps", type=int, default=DEFAULTS["train_steps"])
+    p.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help=f"per variant (default: {TRAIN_STEPS}; "
+                   f"the default run's own {DEFAULTS['train_steps']} take about 75 minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="sampler steps (collection and evaluation)")
     p.add_argument("--samples", type=int, default=500, help="per row")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, help="variants measured at a time, each in a process of one "
+                   "thread (1: one after another in this process, on every thread)")
     return p.parse_args(argv)
 
 

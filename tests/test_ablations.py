@@ -8,6 +8,7 @@
 
 import hashlib
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -24,12 +25,15 @@ from util import max_rel_err
 spec = importlib.util.spec_from_file_location("ablations_tiny", families.ROOT / "bench" / "ablations_tiny.py")
 ablations = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ablations)
+sys.modules["ablations_tiny"] = ablations  # its worker processes import it by name (bench/ on their path)
 
 TOY = ["--trajectories", "10", "--train-steps", "2", "--samples", "10", "--batch", "10", "--steps", "4"]
 
 
-def test_every_experiment_runs_end_to_end_and_a_rerun_reuses_it(tmp_path):
-    report = ablations.run(ablations.parse_args(["--out", str(tmp_path), *TOY]))
+def test_every_experiment_runs_end_to_end_and_a_rerun_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(families.ROOT / "bench"))  # for the two worker processes (--jobs 2)
+    report = ablations.run(ablations.parse_args(["--out", str(tmp_path), *TOY, "--jobs", "2"]))
+    assert report["jobs"] == 2
     rows = report["results"]
     assert {r["experiment"] for r in rows} == {"reference", *ablations.EXPERIMENTS}
     variants = {(r["experiment"], r["variant"]) for r in rows}
@@ -40,9 +44,11 @@ def test_every_experiment_runs_end_to_end_and_a_rerun_reuses_it(tmp_path):
     assert params["cross-attention (w)"] < params["cross-attention (w, t, class)"] < params["tiny default (+ modulation)"]
     assert params["whole model"] > sum(p.numel() for p in tiny.load_teacher().parameters())
     assert all((tmp_path / f"{e}.png").is_file() for e in ablations.EXPERIMENTS)
-    again = ablations.run(ablations.parse_args(["--out", str(tmp_path), *TOY, "--only", "storage"]))
+    again = ablations.run(ablations.parse_args(["--out", str(tmp_path), *TOY, "--only", "storage", "--jobs", "1"]))
     first = [r for r in rows if r["experiment"] == "storage"]
     assert [r for r in again["results"] if r["experiment"] == "storage"] == first  # cached, not recomputed
+    with pytest.raises(ValueError, match="--train-steps 2"):  # a cache measured otherwise is refused
+        ablations.run(ablations.parse_args(["--out", str(tmp_path), *TOY, "--train-steps", "3"]))
 
 
 def test_standard_pairs_are_noised_real_digits_with_cfg_targets():
