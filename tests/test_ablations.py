@@ -33,7 +33,7 @@ TOY = ["--trajectories", "10", "--train-steps", "2", "--samples", "10", "--batch
 def test_every_experiment_runs_end_to_end_and_a_rerun_reuses_it(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(families.ROOT / "bench"))  # for the two worker processes (--jobs 2)
     report = ablations.run(ablations.parse_args(["--out", str(tmp_path), *TOY, "--jobs", "2"]))
-    assert report["jobs"] == 2
+    assert report["jobs"] == 2 and len(list(tmp_path.glob("worker-*.log"))) == 2  # their progress bars
     rows = report["results"]
     assert {r["experiment"] for r in rows} == {"reference", *ablations.EXPERIMENTS}
     variants = {(r["experiment"], r["variant"]) for r in rows}
