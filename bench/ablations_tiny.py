@@ -196,8 +196,8 @@ def measure(world, task):
     return reference_rows(world, ws) if name == "reference" else run_variant(world, name, VARIANTS[name][1], ws)
 
 
-# the work of a variant relative to the others' (training and evaluation, one thread): the longest go first
-COST = {"whole model": 1.6, "standard-data": 1.4, "default": 1.3, "reference": 1.2}
+# a task's minutes relative to a plain variant's (measured at 500 steps, BENCHMARKS.md): the longest go first
+COST = {"standard-data": 1.7, "default": 1.4, "whole model": 1.3, "reference": 1.2}
 
 
 def each(world, args, tasks):
@@ -344,7 +344,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="variants measured at a time, each in a process of one "
                    "thread (1: one after another in this process, on every thread)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: at least 1")
+    return args
 
 
 if __name__ == "__main__":
