@@ -97,12 +97,16 @@ class World:
         self.reference = tiny.reference_statistics(self.classifier)
         self._data = {}
 
+    def collect(self):
+        """The default run's trajectories, collected into OUT/trajectories where missing; their folder."""
+        folder = self.out / "trajectories"
+        trajectories.collect(self.base, self.plan, folder)
+        return folder
+
     def data(self, name):
         """The training rows of a variant: the trajectories (or a kept part), or the standard pairs."""
         if "trajectories" not in self._data:
-            folder = self.out / "trajectories"
-            trajectories.collect(self.base, self.plan, folder)
-            self._data["trajectories"] = trajectories.load_shards(folder)
+            self._data["trajectories"] = trajectories.load_shards(self.collect())
         data = self._data["trajectories"]
         if name == "standard-data":
             folder = self.out / "standard-data"
@@ -234,15 +238,23 @@ def measure_in_worker(task):
 SETTINGS = ("trajectories", "train_steps", "steps", "samples", "seed")  # what the cached results depend on
 
 
+def measured_settings(out):
+    """The settings the results cached in `out` were measured with: its settings.json, or in a folder of
+    before that file, those its metrics.json names ({}: a new folder)."""
+    for name in ("settings.json", "metrics.json"):
+        if (out / name).is_file():
+            return {k: v for k, v in json.loads((out / name).read_text()).items() if k in SETTINGS}
+    return {}
+
+
 def check_settings(args):
-    """OUT/settings.json: the settings its cached results were measured with; other settings are refused."""
-    file, mine = Path(args.out) / "settings.json", {k: getattr(args, k) for k in SETTINGS}
-    theirs = json.loads(file.read_text()) if file.is_file() else mine
-    if theirs != mine:
-        changed = ", ".join(f"--{k.replace('_', '-')} {theirs[k]}" for k in SETTINGS if theirs[k] != mine[k])
+    """Refuse settings other than those of the results cached in OUT; record them in OUT/settings.json."""
+    out, mine = Path(args.out), {k: getattr(args, k) for k in SETTINGS}
+    changed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in measured_settings(out).items() if v != mine[k])
+    if changed:
         raise ValueError(f"{args.out} holds results measured with {changed}: pass those, or another --out")
-    file.parent.mkdir(parents=True, exist_ok=True)
-    write_json(file, mine)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "settings.json", mine)
 
 
 def run(args):
@@ -252,7 +264,7 @@ def run(args):
     wanted = args.only or EXPERIMENTS
     ws = list(args.w)
     unseen = ws + [w for w in args.unseen_w if w not in ws]
-    world.data("default")  # the trajectories, collected once (on every thread) before the variants share them
+    world.collect()  # once (on every thread), before the variants share them
     tasks = [("reference", unseen if "unseen" in wanted else ws)] + [
         (name, unseen if "unseen" in experiments else ws) for name, (experiments, _) in VARIANTS.items()
         if any(e in wanted for e in experiments)]

@@ -49,6 +49,9 @@ def test_every_experiment_runs_end_to_end_and_a_rerun_reuses_it(tmp_path, monkey
     assert [r for r in again["results"] if r["experiment"] == "storage"] == first  # cached, not recomputed
     with pytest.raises(ValueError, match="--train-steps 2"):  # a cache measured otherwise is refused
         ablations.run(ablations.parse_args(["--out", str(tmp_path), *TOY, "--train-steps", "3"]))
+    (tmp_path / "settings.json").unlink()  # a folder of before settings.json: its metrics.json says
+    with pytest.raises(ValueError, match="--train-steps 2"):
+        ablations.run(ablations.parse_args(["--out", str(tmp_path), *TOY, "--train-steps", "3"]))
 
 
 def test_standard_pairs_are_noised_real_digits_with_cfg_targets():
