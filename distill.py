@@ -32,6 +32,7 @@ Round r, from 2S to S steps:
 Letters in shape comments: N rows (student steps x trajectories), B batch, C channels, H W size.
 """
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -452,3 +453,69 @@ def plan(args, family):
         shard_size=args.distill_shard_size, batch=args.collect_batch, buffer_shards=args.distill_buffer_shards,
         refresh_every=args.distill_refresh_every, save_every=args.save_every, seed=args.seed,
         prompts=prompts.read_prompts(args.prompt_file) if family.conditioning == "prompt" else None)
+
+
+# -----------------------------------------------------------------------------
+# the plot of train_agd.py --distill-steps in the tiny world (tiny.evaluate_steps' rows)
+
+PLOT_METHODS = {"cfg": ((40, 90, 200), "CFG, DDIM"), "agd": ((230, 130, 20), "AGD, DDIM"),
+                "agd-distilled": ((30, 160, 60), "AGD distilled")}  # colour, legend; the reference is drawn black
+
+
+def plot_steps(results, file):
+    """FID and accuracy against sampler steps (log scale), a panel per w: the rows of evaluate_steps as a PNG.
+
+    CFG at the most steps (the base's own sampler) is the reference: a black point and a dashed line across.
+    """
+    from PIL import Image, ImageDraw
+
+    W, H, left, top, bottom, gap = 250, 170, 48, 22, 26, 14
+    ws = sorted({r["w"] for r in results})
+    reference = max(r["steps"] for r in results if r["method"] == "cfg")
+    steps = sorted({r["steps"] for r in results})
+    lo, hi = math.log2(steps[0]) - 0.3, math.log2(steps[-1]) + 0.3
+    legend = 24
+    img = Image.new("RGB", (len(ws) * (left + W + gap), legend + 2 * (top + H + bottom)), "white")
+    draw = ImageDraw.Draw(img)
+    entries = [((0, 0, 0), f"CFG, {reference} steps (reference)")] + list(PLOT_METHODS.values())
+    for i, (colour, label) in enumerate(entries):
+        x = 10 + i * 190
+        draw.line([(x, 12), (x + 20, 12)], fill=colour, width=3)
+        draw.text((x + 26, 6), label, fill="black")
+    for col, w in enumerate(ws):
+        for row, (key, name) in enumerate((("fid", "digit FID"), ("accuracy", "accuracy"))):
+            x0, y0 = col * (left + W + gap) + left, legend + row * (top + H + bottom) + top
+            rows = [r for r in results if r["w"] == w]
+            values = [r[key] for r in rows]
+            vmin, vmax = min(values), max(values)
+            pad = 0.08 * (vmax - vmin or 1)
+            vmin, vmax = vmin - pad, vmax + pad
+
+            def at(s, v):
+                return (x0 + (math.log2(s) - lo) / (hi - lo) * W, y0 + H - (v - vmin) / (vmax - vmin) * H)
+
+            draw.rectangle([x0, y0, x0 + W, y0 + H], outline="black")
+            draw.text((x0 + 4, y0 - 14), f"{name}, w = {w:g}", fill="black")
+            for s in steps:  # x ticks
+                x, _ = at(s, vmin)
+                draw.line([(x, y0 + H), (x, y0 + H + 4)], fill="black")
+                draw.text((x - 6, y0 + H + 6), str(s), fill="black")
+            for k in range(5):  # y ticks
+                v = vmin + (vmax - vmin) * k / 4
+                _, y = at(steps[0], v)
+                draw.line([(x0 - 4, y), (x0, y)], fill="black")
+                draw.text((x0 - 44, y - 6), f"{v:.3f}" if key == "accuracy" else f"{v:.1f}", fill="black")
+            ref = next(r[key] for r in rows if r["method"] == "cfg" and r["steps"] == reference)
+            _, y = at(steps[0], ref)
+            for x in range(int(x0), int(x0 + W), 8):  # dashed: the reference at every step count
+                draw.line([(x, y), (min(x + 4, x0 + W), y)], fill="black")
+            draw.ellipse([at(reference, ref)[0] - 3, y - 3, at(reference, ref)[0] + 3, y + 3], fill="black")
+            for method, (colour, _) in PLOT_METHODS.items():
+                points = sorted((r["steps"], r[key]) for r in rows
+                                if r["method"] == method and r["steps"] != reference)
+                xy = [at(s, v) for s, v in points]
+                if len(xy) > 1:
+                    draw.line(xy, fill=colour, width=2)
+                for x, y in xy:
+                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    img.save(file)

@@ -139,9 +139,21 @@ def train_classifier(images, labels, epochs=12, batch_size=128, lr=2e-3, seed=0)
 
 
 @torch.no_grad()
+def correct(classifier, images, labels):
+    """Per image, 1.0 where the classifier assigns it to its label, else 0.0."""
+    return (classifier(images).argmax(1) == labels).float()
+
+
 def accuracy(classifier, images, labels):
     """Fraction of images that the classifier assigns to `labels`."""
-    return (classifier(images).argmax(1) == labels).float().mean().item()
+    return correct(classifier, images, labels).mean().item()
+
+
+def accuracy_against(classifier, images, reference_images, labels):
+    """Accuracy of `images` minus that of `reference_images`, made from the same noise, in points, with its
+    standard error from the per-sample differences (paired: far smaller than two accuracies' own errors)."""
+    d = correct(classifier, images, labels) - correct(classifier, reference_images, labels)
+    return {"points": 100 * d.mean().item(), "se_points": 100 * d.std().item() / len(d) ** 0.5}
 
 
 def load_classifier(folder=CLASSIFIER):
@@ -380,7 +392,8 @@ def evaluate(base, student, steps, eval_w=(1.5, 3.0, 5.0), samples=500, batch_si
     FID, accuracy, time.
 
     `reference`: the digit FID's (mu, sigma) (default: the real digits'; a fine-tune's own style's).
-    Returns (rows {method, w, fid, accuracy, sec_per_image}, grids {w: [base, cfg, agd] x 20 images}).
+    Returns (rows {method, w, fid, accuracy, sec_per_image}, the agd rows also accuracy_vs_cfg {points,
+    se_points}: accuracy_against CFG's at their w; grids {w: [base, cfg, agd] x 20 images}).
     """
     classifier = load_classifier()
     reference = reference_statistics(classifier) if reference is None else reference
@@ -392,6 +405,9 @@ def evaluate(base, student, steps, eval_w=(1.5, 3.0, 5.0), samples=500, batch_si
     images, seconds = generate(base, denoisers, steps, samples, seed, batch_size)
     labels = torch.arange(samples) % NUM_CLASSES
     scores = {k: {**score(classifier, v, reference, labels), "sec_per_image": seconds[k]} for k, v in images.items()}
+    for w in eval_w:
+        scores[("agd", w)]["accuracy_vs_cfg"] = accuracy_against(classifier, images[("agd", w)],
+                                                                 images[("cfg", w)], labels)
     results, grids = [], {}
     for w in eval_w:  # the unguided teacher is listed beside each w (it does not depend on w)
         results += [{"method": m, "w": w, **scores[(m, 1.0 if m == "base" else w)]} for m in ("base", "cfg", "agd")]
@@ -405,7 +421,8 @@ def evaluate_steps(base, agd, distilled, ddim, eval_w=(1.5, 3.0, 5.0), samples=5
     of `distilled` ({S: the adapters distilled to S steps}) CFG, the undistilled adapters `agd` and the
     distilled ones, each with the sampler `ddim` in S steps; at each w, all from the same noise.
 
-    Returns (rows {method, steps, w, fid, accuracy, sec_per_image}, image rows [(label, 20 images)]).
+    Returns (rows {method, steps, w, fid, accuracy, sec_per_image}, every row but the reference's also
+    accuracy_vs_reference {points, se_points}; image rows [(label, 20 images)]).
     """
     classifier = load_classifier()
     reference = reference_statistics(classifier) if reference is None else reference
@@ -422,6 +439,10 @@ def evaluate_steps(base, agd, distilled, ddim, eval_w=(1.5, 3.0, 5.0), samples=5
     labels = torch.arange(samples) % NUM_CLASSES
     results = [{"method": m, "steps": S, "w": w, **score(classifier, images[(m, S, w)], reference, labels),
                 "sec_per_image": seconds[(m, S, w)]} for m, S, w in denoisers]
+    for r in results:  # each row's accuracy against the reference's at its w, from the same noise
+        if (r["method"], r["steps"]) != ("cfg", reference_steps):
+            r["accuracy_vs_reference"] = accuracy_against(classifier, images[(r["method"], r["steps"], r["w"])],
+                                                          images[("cfg", reference_steps, r["w"])], labels)
     return results, [(f"{m} {S} w={w:g}", images[(m, S, w)][:20]) for m, S, w in denoisers]
 
 
@@ -448,75 +469,17 @@ def save_grid(grids, file):
                for w, (b, c, a) in grids.items() for name, img in (("base", b), ("CFG", c), ("AGD", a))], file)
 
 
-PLOT_METHODS = {"cfg": ((40, 90, 200), "CFG, DDIM"), "agd": ((230, 130, 20), "AGD, DDIM"),
-                "agd-distilled": ((30, 160, 60), "AGD distilled")}  # colour, legend; the reference is drawn black
-
-
-def plot_steps(results, file):
-    """FID and accuracy against sampler steps (log scale), a panel per w: the rows of evaluate_steps as a PNG.
-
-    CFG at the most steps (the base's own sampler) is the reference: a black point and a dashed line across.
-    """
-    from PIL import Image, ImageDraw
-
-    W, H, left, top, bottom, gap = 250, 170, 48, 22, 26, 14
-    ws = sorted({r["w"] for r in results})
-    reference = max(r["steps"] for r in results if r["method"] == "cfg")
-    steps = sorted({r["steps"] for r in results})
-    lo, hi = math.log2(steps[0]) - 0.3, math.log2(steps[-1]) + 0.3
-    legend = 24
-    img = Image.new("RGB", (len(ws) * (left + W + gap), legend + 2 * (top + H + bottom)), "white")
-    draw = ImageDraw.Draw(img)
-    entries = [((0, 0, 0), f"CFG, {reference} steps (reference)")] + list(PLOT_METHODS.values())
-    for i, (colour, label) in enumerate(entries):
-        x = 10 + i * 190
-        draw.line([(x, 12), (x + 20, 12)], fill=colour, width=3)
-        draw.text((x + 26, 6), label, fill="black")
-    for col, w in enumerate(ws):
-        for row, (key, name) in enumerate((("fid", "digit FID"), ("accuracy", "accuracy"))):
-            x0, y0 = col * (left + W + gap) + left, legend + row * (top + H + bottom) + top
-            rows = [r for r in results if r["w"] == w]
-            values = [r[key] for r in rows]
-            vmin, vmax = min(values), max(values)
-            pad = 0.08 * (vmax - vmin or 1)
-            vmin, vmax = vmin - pad, vmax + pad
-
-            def at(s, v):
-                return (x0 + (math.log2(s) - lo) / (hi - lo) * W, y0 + H - (v - vmin) / (vmax - vmin) * H)
-
-            draw.rectangle([x0, y0, x0 + W, y0 + H], outline="black")
-            draw.text((x0 + 4, y0 - 14), f"{name}, w = {w:g}", fill="black")
-            for s in steps:  # x ticks
-                x, _ = at(s, vmin)
-                draw.line([(x, y0 + H), (x, y0 + H + 4)], fill="black")
-                draw.text((x - 6, y0 + H + 6), str(s), fill="black")
-            for k in range(5):  # y ticks
-                v = vmin + (vmax - vmin) * k / 4
-                _, y = at(steps[0], v)
-                draw.line([(x0 - 4, y), (x0, y)], fill="black")
-                draw.text((x0 - 44, y - 6), f"{v:.3f}" if key == "accuracy" else f"{v:.1f}", fill="black")
-            ref = next(r[key] for r in rows if r["method"] == "cfg" and r["steps"] == reference)
-            _, y = at(steps[0], ref)
-            for x in range(int(x0), int(x0 + W), 8):  # dashed: the reference at every step count
-                draw.line([(x, y), (min(x + 4, x0 + W), y)], fill="black")
-            draw.ellipse([at(reference, ref)[0] - 3, y - 3, at(reference, ref)[0] + 3, y + 3], fill="black")
-            for method, (colour, _) in PLOT_METHODS.items():
-                points = sorted((r["steps"], r[key]) for r in rows
-                                if r["method"] == method and r["steps"] != reference)
-                xy = [at(s, v) for s, v in points]
-                if len(xy) > 1:
-                    draw.line(xy, fill=colour, width=2)
-                for x, y in xy:
-                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    img.save(file)
-
-
 def print_table(results):
+    """The rows of evaluate or evaluate_steps; the last column: the accuracy against CFG's (at the reference's
+    steps), in points, +- its paired standard error."""
     steps = "steps" in results[0]
-    print(f"{'method':<14} " + ("steps " if steps else "") + f"{'w':>5} {'FID':>8} {'accuracy':>9} {'ms/image':>9}")
+    print(f"{'method':<14} " + ("steps " if steps else "") + f"{'w':>5} {'FID':>8} {'accuracy':>9} {'ms/image':>9} "
+          f"{'vs CFG (points)':>16}")
     for r in results:
+        vs = r.get("accuracy_vs_cfg", r.get("accuracy_vs_reference"))
         print(f"{r['method']:<14} " + (f"{r['steps']:>5} " if steps else "") +
-              f"{r['w']:>5.1f} {r['fid']:>8.3f} {r['accuracy']:>9.3f} {1000 * r['sec_per_image']:>9.2f}")
+              f"{r['w']:>5.1f} {r['fid']:>8.3f} {r['accuracy']:>9.3f} {1000 * r['sec_per_image']:>9.2f} " +
+              (f"{vs['points']:>+9.1f} +- {vs['se_points']:.1f}" if vs else ""))
 
 
 # -----------------------------------------------------------------------------

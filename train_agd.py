@@ -561,7 +561,7 @@ def run(args, signals=None):
         results, rows = tiny.evaluate_steps(base, agd, distilled, distill.scheduler(base), args.eval_w,
                                             args.eval_samples, args.eval_batch, args.seed + 1, args.steps)
         tiny.save_rows(rows, out / "samples.png")
-        tiny.plot_steps(results, out / "steps.png")
+        distill.plot_steps(results, out / "steps.png")
         metrics.update(distill_train_steps=args.distill_train_steps, distillation=diagnosis)
     metrics = {"results": results, **metrics, "minutes": (time.time() - start) / 60}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -43,10 +43,12 @@ def measure(weights, adapters_file, reference, args, loras=()):
 
 
 def print_table(rows):
-    print(f"{'model':<10} {'w':>4} {'method':<6} {'FID':>8} {'accuracy':>9} {'ms/image':>9}")
+    """The rows; AGD's last column: its accuracy against CFG's, in points, +- its paired standard error."""
+    print(f"{'model':<10} {'w':>4} {'method':<6} {'FID':>8} {'accuracy':>9} {'ms/image':>9} {'vs CFG (points)':>16}")
     for r in rows:
+        vs = r.get("accuracy_vs_cfg")
         print(f"{r['model']:<10} {r['w']:>4.1f} {r['method']:<6} {r['fid']:>8.2f} {r['accuracy']:>9.3f} "
-              f"{1000 * r['sec_per_image']:>9.1f}")
+              f"{1000 * r['sec_per_image']:>9.1f} " + (f"{vs['points']:>+9.1f} +- {vs['se_points']:.1f}" if vs else ""))
 
 
 def main(args):

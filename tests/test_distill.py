@@ -276,6 +276,12 @@ def test_tiny_distill_and_evaluate(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     rows = {(r["method"], r["steps"], r["w"]) for r in metrics["results"]}
     assert rows == {("cfg", 4, 3.0)} | {(m, s, 3.0) for m in ("cfg", "agd", "agd-distilled") for s in (2, 1)}
+    reference = next(r for r in metrics["results"] if r["steps"] == 4)
+    assert "accuracy_vs_reference" not in reference
+    for r in metrics["results"]:  # every other row's accuracy against the reference's, paired
+        if r is not reference:
+            assert r["accuracy_vs_reference"]["points"] == pytest.approx(100 * (r["accuracy"] - reference["accuracy"]),
+                                                                         abs=1e-4)
     assert [d["steps"] for d in metrics["distillation"]] == [2, 1]
     assert all(len(d["per_step"]) == d["steps"] for d in metrics["distillation"])
     assert all({"w_below_2", "w_from_2"} <= set(d) for d in metrics["distillation"])

@@ -38,6 +38,10 @@ def test_end_to_end(tmp_path, monkeypatch):
     assert row[("base", 2.0)]["fid"] == row[("base", 4.0)]["fid"]  # the unguided teacher, listed beside each w
     assert row[("cfg", 2.0)]["fid"] != row[("cfg", 4.0)]["fid"]  # guidance changes the samples
     assert row[("cfg", 4.0)]["accuracy"] > row[("base", 4.0)]["accuracy"]  # and makes them show the class asked
+    for w in (2.0, 4.0):  # AGD's accuracy against CFG's, from the same noise, with its paired standard error
+        vs = row[("agd", w)]["accuracy_vs_cfg"]
+        assert vs["points"] == pytest.approx(100 * (row[("agd", w)]["accuracy"] - row[("cfg", w)]["accuracy"]), abs=1e-4)
+        assert vs["se_points"] >= 0
     assert (tmp_path / "samples.png").stat().st_size > 0
     shards = sorted((tmp_path / "trajectories").glob("shard_*.safetensors"))
     assert len(shards) == 2
@@ -135,3 +139,16 @@ def test_training_at_least_halves_the_one_pass_error_to_cfg(tmp_path):
                     tmp_path)
     after = error()
     assert after <= 0.5 * before, (before, after)  # measured: 0.105 -> 0.042
+
+
+def test_accuracy_against_is_the_paired_difference_by_hand():
+    """Per sample: (1, 1, 0, 0) right against (1, 0, 0, 1): differences (0, 1, 0, -1), mean 0, standard deviation
+    sqrt(2 / 3), so the standard error is sqrt(2 / 3) / 2 (in points: times 100)."""
+    labels = torch.tensor([0, 1, 2, 3])
+    logits = lambda right: torch.nn.functional.one_hot(torch.where(torch.tensor(right) == 1, labels, (labels + 1) % 10),
+                                                       10).float()  # noqa: E731
+    vs = tiny.accuracy_against(torch.nn.Identity(), logits([1, 1, 0, 0]), logits([1, 0, 0, 1]), labels)
+    assert vs["points"] == pytest.approx(0.0)
+    assert vs["se_points"] == pytest.approx(100 * (2 / 3) ** 0.5 / 2)
+    vs = tiny.accuracy_against(torch.nn.Identity(), logits([1, 1, 1, 0]), logits([1, 0, 0, 0]), labels)
+    assert vs["points"] == pytest.approx(50.0)
