@@ -118,3 +118,37 @@ def test_cfg_channels_3_is_dits_own_cfg(w, tmp_path):
     assert families.load("dit", tmp_path, cfg_channels=3).cfg_channels == 3  # what sample.py and collection use
     with pytest.raises(ValueError, match="has 4 channels"):
         families.load("dit", tmp_path, cfg_channels=5)
+
+
+def test_w15_probes_run_end_to_end_on_the_teacher_and_a_lora(tmp_path):
+    """bench/w15_probes_tiny.py at toy size: every probe trains, starts as the base (zero-init outputs) and
+    changes it once trained; class-gain also on a LoRA'd teacher; a cache of other settings is refused."""
+    import lora
+
+    spec = importlib.util.spec_from_file_location("w15_probes_tiny", families.ROOT / "bench" / "w15_probes_tiny.py")
+    probes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probes)
+    ablations.World(ablations.parse_args(["--out", str(tmp_path / "abl"), *TOY])).collect()
+    teacher = tiny.load_teacher()
+    lora_file = tmp_path / "lora.safetensors"
+    lora.save(lora.attach(tiny.load_teacher(), lora.dit_modules(teacher), rank=2), lora_file)
+    base = families.load("tiny")
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([999, 10]), torch.tensor([3, 7])
+    for probe in probes.PROBES:
+        student = probes.build(probe, base.model, base, 0)
+        with torch.no_grad():
+            assert torch.equal(student(x, t, w=3.0, y=y), base.model(x, t, y=y)), probe  # starts as the base
+        student.detach()
+    argv = ["--ablations", str(tmp_path / "abl"), "--out", str(tmp_path / "probes"), "--train-steps", "2",
+            "--samples", "10", "--w", "3.0"]
+    report = probes.main(probes.parse_args(argv))
+    assert set(report["probes"]) == set(probes.PROBES)
+    params = {k: v["trainable_parameters"] for k, v in report["probes"].items()}
+    assert params["mse"] == params["no-factor"] == params["small-w-draws"] < params["mlp-sites"] < params["film-mlp"]
+    assert params["film-mlp"] < params["film-mlp-final"] and params["class-gain"] > params["mse"]
+    again = probes.main(probes.parse_args(argv + ["--only", "class-gain", "--lora", str(lora_file)]))
+    assert again["probes"]["class-gain"]["rows"] == report["probes"]["class-gain"]["rows"]  # cached
+    (row,) = again["probes"]["class-gain"]["lora"]["rows"]
+    assert row["w"] == 3.0 and 0 <= row["agd"]["accuracy"] <= 1 and row["accuracy_vs_cfg"]["se_points"] >= 0
+    with pytest.raises(ValueError, match="--train-steps 2"):
+        probes.main(probes.parse_args(argv[:4] + ["--train-steps", "3", "--samples", "10", "--w", "3.0"]))
