@@ -369,6 +369,9 @@ def parse_args(argv=None):
         p.error(f"--no-t5 is for SD3 / SD3.5; --model {args.model} has no T5 encoder")
     if not 0 <= args.negatives <= 1:
         p.error(f"--negatives is a share of the trajectories, in [0, 1]; got {args.negatives}")
+    if args.eval_samples < 2 or args.eval_batch < 1:  # found out before training, not after it
+        p.error(f"--eval-samples {args.eval_samples} --eval-batch {args.eval_batch}: need at least 2 samples (a "
+                "FID's covariance) in batches of at least 1")
     args.out = Path(args.out or f"runs/{args.model}")
     args.dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args)
     args.rank, args.world = 0, int(os.environ.get("WORLD_SIZE", 1))

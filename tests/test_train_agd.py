@@ -98,6 +98,9 @@ def test_bad_arguments_exit_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_agd.parse_args(["--push-to-hub", "agd-tiny"])
     assert "not a hub repo id (user/repo)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before any collection or training, not by a traceback after them
+        train_agd.parse_args(["--eval-samples", "1"])
+    assert "need at least 2 samples" in capsys.readouterr().err
 
 
 def test_guidance_loss_measures_errors_in_units_of_the_guidance_direction():
