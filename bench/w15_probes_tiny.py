@@ -157,7 +157,7 @@ def run_probe(world, probe, ws):
 def on_lora(world, probe, lora_file, ws, samples):
     """The probe's trained adapters on the LoRA'd teacher against its CFG (plug_and_play_tiny's setting), cached."""
     file = world.out / "variants" / probe / "lora.json"
-    if file.is_file():
+    if file.is_file() and json.loads(file.read_text())["lora"] == str(lora_file):  # another LoRA: measured anew
         return json.loads(file.read_text())
     base = families.load("tiny", tiny.TEACHER)
     lora.apply(base.lora_models(), [(Path(lora_file), 1.0)], undoable=False)
@@ -172,7 +172,7 @@ def on_lora(world, probe, lora_file, ws, samples):
         denoisers[("cfg", w)] = lambda cond, null, w=w: guidance.guided(base.model, w, cond, null)
         denoisers[("agd", w)] = lambda cond, null, w=w: (lambda x, t: student(x, t, w=w, **cond))
     with torch.no_grad():
-        images, seconds = tiny.generate(base, denoisers, world.plan.steps, samples, 1, 100)
+        images, _ = tiny.generate(base, denoisers, world.plan.steps, samples, world.args.seed + 1, world.args.batch)
     labels = torch.arange(samples) % tiny.NUM_CLASSES
     rows = [{"w": w, "cfg": tiny.score(world.classifier, images[("cfg", w)], reference, labels),
              "agd": tiny.score(world.classifier, images[("agd", w)], reference, labels),
