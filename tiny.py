@@ -382,6 +382,14 @@ def generate(base, denoisers, steps, n, seed, batch_size, classes=None, negative
     return {k: torch.cat(v) for k, v in images.items()}, {k: float(np.median(v)) for k, v in seconds.items()}
 
 
+def sample_count(text):
+    """argparse type of a number of samples to score: at least 2, which a FID's covariance needs."""
+    n = int(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{n}: need at least 2 samples (a FID's covariance)")
+    return n
+
+
 def score(classifier, images, reference, labels):
     """Digit FID against `reference` and class accuracy on `labels`."""
     return {"fid": digit_fid(classifier, images, reference), "accuracy": accuracy(classifier, images, labels)}

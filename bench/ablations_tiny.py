@@ -351,7 +351,7 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help=f"per variant (default: {TRAIN_STEPS}; "
                    f"the default run's own {DEFAULTS['train_steps']} take about 75 minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="sampler steps (collection and evaluation)")
-    p.add_argument("--samples", type=int, default=500, help="per row")
+    p.add_argument("--samples", type=tiny.sample_count, default=500, help="per row")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="variants measured at a time, each in a process of one "

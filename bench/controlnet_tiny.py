@@ -163,7 +163,7 @@ def parse_args(argv=None):
                    help="the default tiny adapters, trained without a ControlNet (`python train_agd.py`)")
     p.add_argument("--controlnet", default=str(tiny_controlnet.CONTROLNET), help="the tiny ControlNet's folder")
     p.add_argument("--eval-w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
-    p.add_argument("--samples", type=int, default=500, help="per method and w")
+    p.add_argument("--samples", type=tiny.sample_count, default=500, help="per method and w")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
     return p.parse_args(argv)

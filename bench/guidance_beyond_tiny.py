@@ -196,8 +196,8 @@ def parse_args(argv=None):
     p.add_argument("--interval", type=float, nargs=2, default=[0.28, 5.42], metavar=("LOW", "HIGH"))
     p.add_argument("--w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
     p.add_argument("--negative-w", type=float, nargs="+", default=[3.0])
-    p.add_argument("--samples", type=int, default=500, help="per row of the interval experiment")
-    p.add_argument("--pair-samples", type=int, default=500,
+    p.add_argument("--samples", type=tiny.sample_count, default=500, help="per row of the interval experiment")
+    p.add_argument("--pair-samples", type=tiny.sample_count, default=500,
                    help="per row of the negative experiment (200 resolve one class's accuracy to about 2.5 points)")
     p.add_argument("--pairs", type=int, default=len(PAIRS), help=f"how many of the (y, j) pairs {PAIRS} to measure")
     p.add_argument("--steps", type=int, default=families.FAMILIES["tiny"].train["steps"], help="sampler steps")

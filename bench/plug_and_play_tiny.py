@@ -98,7 +98,7 @@ def parse_args(argv=None):
                    help="the fine-tune is the bundled teacher with this LoRA (`python tiny.py finetune --style "
                         f"{STYLE} --lora 8`), in place of --finetuned")
     p.add_argument("--eval-w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
-    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--eval-samples", type=tiny.sample_count, default=500)
     p.add_argument("--out", default=None, help="json file (default: <finetuned>/plug_and_play.json, or beside "
                    "the LoRA file)")
     return p.parse_args(argv)

@@ -217,7 +217,7 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", choices=PROBES, help="these probes only (default: all)")
     p.add_argument("--train-steps", type=int, default=families.FAMILIES["tiny"].train["train_steps"],
                    help="per probe (default: the default run's)")
-    p.add_argument("--samples", type=int, default=500, help="per row")
+    p.add_argument("--samples", type=tiny.sample_count, default=500, help="per row")
     p.add_argument("--w", type=float, nargs="+", default=[1.5, 3.0, 5.0])
     p.add_argument("--lora", help="also evaluate each probe on the teacher with this LoRA (the thick one)")
     return p.parse_args(argv)

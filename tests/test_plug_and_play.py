@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import adapters
@@ -85,3 +86,11 @@ def test_script_measures_a_lora_of_the_teacher(tmp_path):
     assert report["finetuned_made_by"] == "made by hand" and report["finetune_minutes"] is None
     rows = {(r["model"], r["method"], r["w"]) for r in report["results"]}
     assert rows == {(m, k, 2.0) for m in ("LoRA", "original") for k in ("base", "cfg", "agd")}
+
+
+def test_fewer_than_two_samples_is_one_line(capsys):
+    """A FID needs two samples: the benches refuse one before they fine-tune or sample anything."""
+    with pytest.raises(SystemExit):
+        plug_and_play.parse_args(["--eval-samples", "1"])
+    assert "--eval-samples: 1: need at least 2 samples" in capsys.readouterr().err
+    assert plug_and_play.parse_args(["--eval-samples", "2"]).eval_samples == 2
