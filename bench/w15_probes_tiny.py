@@ -78,7 +78,6 @@ class ClassGain(nn.Module):
         self.gain = adapters.AdditiveAdapter(dim, out_dim, cfg)
         adapters.init_adapter(self.add)
         adapters.init_adapter(self.gain)
-        self.out_proj = self.add.out_proj  # the dtype Student.output casts the site's input to
 
 
 class ClassGainStudent(adapters.Student):
@@ -154,25 +153,31 @@ def run_probe(world, probe, ws):
         world.hp, train_agd.batch_rows = hp, rows
 
 
-def on_lora(world, probe, lora_file, ws, samples):
-    """The probe's trained adapters on the LoRA'd teacher against its CFG (plug_and_play_tiny's setting), cached."""
-    file = world.out / "variants" / probe / "lora.json"
-    if file.is_file() and json.loads(file.read_text())["lora"] == str(lora_file):  # another LoRA: measured anew
-        return json.loads(file.read_text())
+def lora_world(lora_file, classifier):
+    """The LoRA'd teacher (the LoRA fused, as sample.py --lora loads it) and its style's FID statistics, once."""
     base = families.load("tiny", tiny.TEACHER)
     lora.apply(base.lora_models(), [(Path(lora_file), 1.0)], undoable=False)
+    digits, _ = tiny.load_digits()
+    return base, tiny.reference_statistics(classifier, tiny.STYLES["thick"](digits))
+
+
+def on_lora(world, probe, lora_file, base, reference, ws, samples):
+    """The probe's trained adapters on the LoRA'd teacher against its CFG (plug_and_play_tiny's setting), cached."""
+    file = world.out / "variants" / probe / "lora.json"
+    cached = json.loads(file.read_text()) if file.is_file() else None
+    if cached is not None and cached["lora"] == str(lora_file):  # another LoRA: measured anew
+        return cached
     student = build(probe, base.model, base, world.args.seed)
     state = torch.load(world.out / "variants" / probe / "train_state.pt", map_location="cpu", weights_only=True)
     student.load_adapter_state_dict(state["adapters"])
     student.eval()
-    digits, _ = tiny.load_digits()
-    reference = tiny.reference_statistics(world.classifier, tiny.STYLES["thick"](digits))
     denoisers = {}
     for w in ws:
         denoisers[("cfg", w)] = lambda cond, null, w=w: guidance.guided(base.model, w, cond, null)
         denoisers[("agd", w)] = lambda cond, null, w=w: (lambda x, t: student(x, t, w=w, **cond))
     with torch.no_grad():
         images, _ = tiny.generate(base, denoisers, world.plan.steps, samples, world.args.seed + 1, world.args.batch)
+    student.detach()  # the LoRA'd teacher is shared by the next probe
     labels = torch.arange(samples) % tiny.NUM_CLASSES
     rows = [{"w": w, "cfg": tiny.score(world.classifier, images[("cfg", w)], reference, labels),
              "agd": tiny.score(world.classifier, images[("agd", w)], reference, labels),
@@ -193,10 +198,11 @@ def main(args):
     world.out = Path(args.out)
     world._data["trajectories"] = trajectories.load_shards(folder)
     report = {"ablations": args.ablations, "train_steps": args.train_steps, "samples": args.samples, "probes": {}}
+    lora_base, reference = lora_world(args.lora, world.classifier) if args.lora else (None, None)
     for probe in args.only or PROBES:
         result = run_probe(world, probe, args.w)
         if args.lora:
-            result["lora"] = on_lora(world, probe, args.lora, args.w, args.samples)
+            result["lora"] = on_lora(world, probe, args.lora, lora_base, reference, args.w, args.samples)
         report["probes"][probe] = result
         print(f"{probe:<16} {result['trainable_parameters']:>9,} " + "  ".join(
             f"w={r['w']:g}: {r['fid']:.2f} / {r['accuracy']:.3f}" for r in result["rows"]), flush=True)
